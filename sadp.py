@@ -366,7 +366,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         a host-device sync per step.
         """
         idx = torch.as_tensor(indices).detach().reshape(-1).cpu().long()
-        s = torch.as_tensor(scores).detach().reshape(-1).cpu().double()
+        s = torch.as_tensor(scores, dtype=torch.float64).detach().reshape(-1).cpu()
         if idx.shape != s.shape:
             raise ValueError(f"update needs one score per index; got {idx.numel()} indices and {s.numel()} scores.")
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
