@@ -1,0 +1,119 @@
+"""SADP under torch.distributed: 2 processes on localhost with the gloo backend (CPU)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sadp import SADPSampler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sampler_worker(rank, world_size, port, out_dir, N, ratio):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        s = SADPSampler(N, ratio, seed=5)            # rank and world size from torch.distributed
+        record = {"len": len(s)}
+        for epoch in range(3):
+            s.set_epoch(epoch)
+            share = torch.tensor(list(s))
+            record[f"share{epoch}"] = share
+            record[f"p{epoch}"] = s.probabilities.clone()
+            # each rank scores only its own examples, differently per rank: the tables can only
+            # agree if update() gathers every rank's scores
+            s.update(share, (share % 7).double() + 0.5 + rank * 0.25)
+        record["scores"], record["seen"] = s.scores.clone(), s.seen.clone()
+        record["weights"] = s.weights(torch.arange(N))
+        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("N, ratio", [(101, 0.3), (40, 0.0)])
+def test_ranks_hold_identical_tables_and_shares_union_to_the_single_process_draw(tmp_path, N, ratio):
+    world_size = 2
+    mp.spawn(_sampler_worker, args=(world_size, free_port(), str(tmp_path), N, ratio),
+             nprocs=world_size, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size))
+    assert torch.equal(r0["scores"], r1["scores"]) and torch.equal(r0["seen"], r1["seen"])
+    assert torch.equal(r0["weights"], r1["weights"])
+    m = round((1 - ratio) * N)
+    assert r0["len"] == r1["len"] == -(-m // world_size)       # equal steps on every rank
+
+    # the single-process sampler, fed the same (gathered) scores, makes the same draws
+    single = SADPSampler(N, ratio, seed=5)
+    for epoch in range(3):
+        assert torch.equal(r0[f"p{epoch}"], r1[f"p{epoch}"])
+        single.set_epoch(epoch)
+        torch.testing.assert_close(single.probabilities, r0[f"p{epoch}"], rtol=0, atol=0)
+        union = torch.stack([r0[f"share{epoch}"], r1[f"share{epoch}"]], 1).reshape(-1)
+        draw = torch.tensor(list(single))
+        assert torch.equal(union[:m], draw)                      # exactly the single draw ...
+        assert len(union) - m == (-m) % world_size               # ... plus at most one pad
+        for rank, r in enumerate((r0, r1)):
+            share = r[f"share{epoch}"]
+            single.update(share, (share % 7).double() + 0.5 + rank * 0.25)
+
+
+def _torchrun(args, timeout):
+    """Run torchrun in its own process group, so that a timeout kills every worker."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s:\n{out}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path):
+    flags = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-compile",
+             "--train-size", "2000", "--test-size", "500", "--batch-size", "64", "--T", "2",
+             "--epochs", "3", "--lr", "0.05", "--ratio", "0.3"]
+    code, out = _torchrun(flags + ["--out", str(tmp_path / "ddp")], timeout=300)
+    assert code == 0, out
+    assert out.count("example-passes") == 1                # only rank 0 prints the summary
+    with open(tmp_path / "ddp" / "results.json") as f:
+        ddp = json.load(f)
+    import train
+    single = train.run(train.parse_args(flags + ["--out", str(tmp_path / "one"), "--quiet"]))
+    assert ddp["world_size"] == 2
+    assert ddp["example_passes"] == single["example_passes"] == 3 * 1400
+    assert ddp["final_test_acc"] > 0.3 and single["final_test_acc"] > 0.3
+    assert abs(ddp["final_test_acc"] - single["final_test_acc"]) < 0.15
+
+    # stopped after epoch 2 and resumed with the same world size == the uninterrupted run
+    code, out = _torchrun(flags + ["--out", str(tmp_path / "split"), "--stop-after", "2"], timeout=300)
+    assert code == 0, out
+    code, out = _torchrun(flags + ["--out", str(tmp_path / "split"), "--resume"], timeout=300)
+    assert code == 0, out
+    a = train.load_checkpoint(str(tmp_path / "ddp"), "cpu")
+    b = train.load_checkpoint(str(tmp_path / "split"), "cpu")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    for key in ("scores", "seen", "probabilities", "draw"):
+        assert torch.equal(a["sampler"][key], b["sampler"][key]), key

@@ -1,0 +1,190 @@
+"""End-to-end tests of train.py on the synthetic data set (CPU, eager, seconds each)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import train
+
+SMALL = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-compile",
+         "--train-size", "1000", "--test-size", "500", "--batch-size", "64", "--T", "2",
+         "--quiet"]
+
+
+def run(tmp_path, *extra, name="run"):
+    args = train.parse_args(SMALL + ["--out", str(tmp_path / name), *extra])
+    return train.run(args)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """sadp and full on the same small problem; shared by the tests that read their results."""
+    tmp = tmp_path_factory.mktemp("runs")
+    common = ["--epochs", "4", "--train-size", "2000", "--lr", "0.05"]
+    return {m: run(tmp, *common, "--method", m, name=m) | {"out": str(tmp / m)} for m in ("sadp", "full")}
+
+
+@pytest.mark.parametrize("method", ["sadp", "full"])
+def test_learns_clearly_above_chance(learned, method):
+    assert learned[method]["final_test_acc"] > 0.3      # chance is 0.1
+
+
+def test_summary_fields_and_budget(learned):
+    s = learned["sadp"]
+    with open(os.path.join(s["out"], "results.json")) as f:
+        on_disk = json.load(f)
+    for key in ("method", "ratio", "example_passes", "full_data_passes", "wall_seconds",
+                "train_seconds", "best_test_acc", "final_test_acc", "theoretical_speedup", "history"):
+        assert key in on_disk, key
+    assert on_disk["final_test_acc"] == s["final_test_acc"]
+    assert s["theoretical_speedup"] == pytest.approx(1 / 0.7)
+    # example-passes: (1 - r) of full data, within one batch
+    assert abs(s["example_passes"] - 0.7 * s["full_data_passes"]) <= 64
+    assert learned["full"]["example_passes"] == learned["full"]["full_data_passes"]
+    for row in s["history"]:
+        assert set(row) >= {"epoch", "examples", "seconds", "train_loss", "test_acc", "spike_rate"}
+        assert 0 < row["spike_rate"] < 1
+
+
+@pytest.mark.parametrize("method", ["uniform", "infobatch", "ann"])
+def test_baselines_run_with_their_budgets(tmp_path, method):
+    s = run(tmp_path, "--epochs", "2", "--method", method, "--ratio", "0.5")
+    if method == "infobatch":
+        # the first epoch is full data (all scores equal), then prunes part of the below-mean half
+        assert s["history"][0]["examples"] == 1000
+        assert 1000 * 0.5 < s["history"][1]["examples"] < 1000
+    else:
+        assert all(r["examples"] == 500 for r in s["history"])
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Stop after epoch 2 of 3 (the process dies right after the checkpoint), resume, and
+    compare with an uninterrupted run: the same sampler state and the same weights."""
+    flags = ["--epochs", "3", "--method", "sadp"]
+    run(tmp_path, *flags, name="straight")
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(out, state):
+        real_save(out, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt        # as if killed after writing epoch 2's checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *flags, name="killed")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = run(tmp_path, *flags, "--resume", name="killed")
+
+    a = train.load_checkpoint(str(tmp_path / "straight"), "cpu")
+    b = train.load_checkpoint(str(tmp_path / "killed"), "cpu")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    for key in ("scores", "seen", "probabilities", "draw"):
+        assert torch.equal(a["sampler"][key], b["sampler"][key]), key
+    assert resumed["example_passes"] == a["example_passes"]
+    assert [r["examples"] for r in resumed["history"]] == [r["examples"] for r in a["history"]]
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    real_loss = train.spike_aware_loss
+    calls = {"n": 0}
+    steps_per_epoch = -(-700 // 64)          # 700 draws per epoch in batches of 64
+
+    def loss_goes_nan(*a, **k):
+        loss, scores = real_loss(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 3:     # epoch 2, step 3
+            loss = loss * float("nan")
+        return loss, scores
+
+    monkeypatch.setattr(train, "spike_aware_loss", loss_goes_nan)
+    with pytest.raises(train.Diverged, match=r"epoch 2, step 3 of 11"):
+        run(tmp_path, "--epochs", "3")
+    manifest = train.read_manifest(str(tmp_path / "run"))
+    assert manifest["epoch"] == 0                  # epoch 1's checkpoint is kept, nothing later
+    state = train.load_checkpoint(str(tmp_path / "run"), "cpu")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(SMALL + ["--out", out, "--epochs", "1"]) == 0
+    assert train.main(SMALL + ["--out", out, "--epochs", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train.main(SMALL + ["--out", str(tmp_path / "empty"), "--epochs", "1", "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert train.main(SMALL + ["--out", out, "--epochs", "2", "--resume", "--lr", "0.3"]) == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "1"]) == 0
+    manifest = train.read_manifest(str(out))
+    path = out / manifest["file"]
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    path.write_bytes(bytes(payload))
+
+    def no_load(*a, **k):
+        raise AssertionError("torch.load called on an unverified checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume"]) == 2
+    assert "SHA-256" in capsys.readouterr().err
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous file and no temporary file behind."""
+    path = tmp_path / "x.bin"
+    train.atomic_write_bytes(str(path), b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        train.atomic_write_bytes(str(path), b"new")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["x.bin"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ratio", "1.0"], "--ratio"),
+    (["--ratio", "-0.2"], "--ratio"),
+    (["--method", "full", "--ratio", "0.3"], "--method full"),
+    (["--method", "magic"], "--method"),
+    (["--epochs", "0"], "--epochs"),
+    (["--T", "0"], "--T"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "nan"], "--lr"),
+    (["--epsilon", "0"], "--epsilon"),
+    (["--initial-score", "lots"], "--initial-score"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--data", "cifar10", "--train-size", "10"], "--train-size"),
+    (["--exact-score", "--method", "ann"], "--exact-score"),
+    (["--data", "imagenet"], "--data"),
+])
+def test_invalid_flags_exit_2_with_a_message(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_offline_cifar_gives_the_hand_placement_message(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code = train.main(["--data", "cifar10", "--data-dir", str(tmp_path), "--device", "cpu",
+                       "--no-compile", "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-python.tar.gz" in err and str(tmp_path) in err

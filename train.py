@@ -1,0 +1,589 @@
+"""Train a spiking network on CIFAR with spike-aware data pruning (SADP) or a baseline.
+
+    python train.py --data cifar10 --ratio 0.3                  # spiking ResNet-19, SADP, r = 0.3
+    python train.py --data synthetic --model convnet --epochs 5 --device cpu --no-compile
+    python train.py --data cifar10 --method full                # the baselines: full, uniform,
+    python train.py --data cifar10 --method infobatch --ratio 0.3   # infobatch, ann
+    torchrun --nproc_per_node=4 train.py --data cifar10 --ratio 0.3   # several GPUs (DDP)
+
+Defaults follow the usual recipe for spiking ResNet-19 on CIFAR in the SNN literature: T = 4
+timesteps, direct input encoding, SGD (momentum 0.9) at lr 0.1 with a cosine schedule, weight
+decay 5e-4, batch 128, random crop + flip, 200 epochs. Each epoch prints one row; the run ends
+with a summary, written as JSON to --out with a checkpoint after every epoch (--resume continues).
+
+Budget accounting is the same for every method: an "example-pass" is one example through one
+forward and backward pass. Full data uses N per epoch; SADP, ann and uniform use
+round((1 - r) N); InfoBatch uses what its pruning rule leaves, and full data in its last 12.5%
+of epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data as datasets
+import models
+from sadp import HeadTap, SADPSampler, baseline_loss, spike_aware_loss
+from sadp import _all_gather_cat  # the sampler's own gather, reused by the InfoBatch baseline
+
+METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=datasets.DATASETS, default="cifar10",
+                   help="data set (default cifar10; synthetic needs no download)")
+    p.add_argument("--data-dir", default="data", help="where data sets are cached (default ./data)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="synthetic only: training examples (default 10000)")
+    p.add_argument("--test-size", type=int, default=None,
+                   help="synthetic only: test examples (default 2000)")
+    p.add_argument("--model", choices=models.MODELS, default="resnet19",
+                   help="network (default resnet19, the usual CIFAR SNN; convnet for CPU demos)")
+    p.add_argument("--T", type=int, default=4, help="timesteps (default 4, as in tdBN/TET on CIFAR)")
+    p.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch size, split over DDP ranks (default 128)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
+    p.add_argument("--per-timestep", action="store_true",
+                   help="TET-style loss: mean over t of CE(o_t) instead of CE of the mean output")
+    p.add_argument("--method", choices=METHODS, default="sadp",
+                   help="sadp (default); baselines: full data, uniform random subset, "
+                        "infobatch (Qin et al. ICLR 2024), ann (spike-blind logit-gradient score)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="pruning ratio r in [0, 1): fraction of example-passes saved per epoch "
+                        "(default 0.3; not used with --method full)")
+    p.add_argument("--epsilon", type=float, default=0.1,
+                   help="sadp/ann: uniform share of the sampling distribution (default 0.1)")
+    p.add_argument("--initial-score", default="mean",
+                   help="sadp/ann: score of not-yet-seen examples: mean, max or a number (default mean)")
+    p.add_argument("--exact-score", action="store_true",
+                   help="sadp: exact head-gradient norm instead of the spike-aware bound")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--no-compile", action="store_true", help="run the LIF timestep loop eagerly")
+    p.add_argument("--out", default=None,
+                   help="run directory for results.json and checkpoints "
+                        "(default runs/<data>-<model>-<method>-r<ratio>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="checkpoint and exit after this epoch (e.g. to fit a job's time limit); "
+                        "continue later with --resume")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch rows")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.method == "full":
+        if args.ratio not in (None, 0.0):
+            parser.error("--method full trains on all the data: drop --ratio (or pick a pruning method)")
+        args.ratio = 0.0
+    elif args.ratio is None:
+        args.ratio = 0.3
+    if not 0.0 <= args.ratio < 1.0:
+        parser.error(f"--ratio must lie in [0, 1) (the fraction of example-passes saved); got {args.ratio}")
+    for name, low in (("T", 1), ("epochs", 1), ("batch_size", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:
+        parser.error(f"--stop-after must lie in [1, --epochs = {args.epochs}]; got {args.stop_after}")
+    for name in ("train_size", "test_size"):
+        value = getattr(args, name)
+        if value is not None and args.data != "synthetic":
+            parser.error(f"--{name.replace('_', '-')} is for --data synthetic only")
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive; got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number; got {args.lr}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        parser.error(f"--label-smoothing must lie in [0, 1); got {args.label_smoothing}")
+    if not 0.0 < args.epsilon <= 1.0:
+        parser.error(f"--epsilon must lie in (0, 1]; got {args.epsilon}")
+    if args.initial_score not in ("mean", "max"):
+        try:
+            args.initial_score = float(args.initial_score)
+        except ValueError:
+            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score!r}")
+        if not (math.isfinite(args.initial_score) and args.initial_score > 0):
+            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score}")
+    if args.exact_score and args.method != "sadp":
+        parser.error("--exact-score only applies to --method sadp")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda, but this machine has no CUDA GPU (or this torch build has "
+                         "no CUDA); use --device cpu")
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.data}-{args.model}-{args.method}-r{args.ratio:g}-s{args.seed}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline samplers, with the interface of SADPSampler (set_epoch, iter, weights, update, state)
+# ---------------------------------------------------------------------------------------------
+
+class _Share:
+    """Every rank computes the same epoch order and keeps every world_size-th entry."""
+
+    def _share(self, order: torch.Tensor) -> torch.Tensor:
+        k = self.world_size
+        padded = -(-len(order) // k) * k
+        order = torch.cat([order, order[: padded - len(order)]])   # wrap to a multiple of k
+        return order[self.rank::k]
+
+    def __iter__(self):
+        return iter(self._order.tolist())
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class UniformSubsetSampler(_Share):
+    """A fresh random subset of round((1 - r) N) examples each epoch, without replacement,
+    all weights 1: the same budget as SADP with no notion of importance."""
+
+    def __init__(self, num_examples, ratio, *, seed=0, rank=0, world_size=1):
+        self.num_examples, self.ratio, self.seed = num_examples, ratio, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_draws = round((1 - ratio) * num_examples)
+
+    def set_epoch(self, epoch):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        self._order = self._share(torch.randperm(self.num_examples, generator=gen)[: self.num_draws])
+
+    def weights(self, indices):
+        return torch.ones(len(indices))
+
+    def update(self, indices, scores):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class InfoBatchSampler(_Share):
+    """InfoBatch (Qin et al., ICLR 2024), as its paper describes it: examples whose last loss is
+    below the mean are "well learned"; each of them is pruned with probability r, and the kept
+    ones have their loss scaled by 1/(1 - r). The last 12.5% of epochs train on all the data.
+    Scores start equal, so the first epoch is full data as well."""
+
+    def __init__(self, num_examples, ratio, epochs, *, seed=0, rank=0, world_size=1, delta=0.875):
+        self.num_examples, self.ratio, self.seed = num_examples, ratio, seed
+        self.rank, self.world_size = rank, world_size
+        self.full_from = math.ceil(delta * epochs)
+        self.scores = torch.ones(num_examples, dtype=torch.float64)
+        self._weights = torch.ones(num_examples)
+
+    def set_epoch(self, epoch):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_examples, generator=gen)
+        self._weights = torch.ones(self.num_examples)
+        if epoch < self.full_from:
+            well_learned = self.scores < self.scores.mean()
+            pruned = well_learned & (torch.rand(self.num_examples, generator=gen) < self.ratio)
+            self._weights[well_learned & ~pruned] = 1.0 / (1.0 - self.ratio)
+            order = order[~pruned[order]]
+        self._order = self._share(order)
+
+    def weights(self, indices):
+        return self._weights[torch.as_tensor(indices).cpu()]
+
+    def update(self, indices, scores):
+        indices, scores = torch.as_tensor(indices).cpu(), torch.as_tensor(scores).cpu().double()
+        if self.world_size > 1 and dist.is_initialized():
+            indices, scores = _all_gather_cat(indices), _all_gather_cat(scores)
+        self.scores[indices] = scores
+
+    def state_dict(self):
+        return {"scores": self.scores.clone()}
+
+    def load_state_dict(self, state):
+        self.scores = state["scores"].clone()
+
+
+def make_sampler(args, num_examples, rank, world_size):
+    if args.method in ("sadp", "ann", "full"):
+        return SADPSampler(num_examples, args.ratio, seed=args.seed, epsilon=args.epsilon,
+                           initial_score=args.initial_score, rank=rank, world_size=world_size)
+    if args.method == "uniform":
+        return UniformSubsetSampler(num_examples, args.ratio, seed=args.seed, rank=rank, world_size=world_size)
+    return InfoBatchSampler(num_examples, args.ratio, args.epochs, seed=args.seed, rank=rank, world_size=world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, verified by SHA-256 before torch.load(weights_only=True)
+# ---------------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(out: str, state: dict) -> None:
+    """checkpoint-e<epoch>.pt, then the manifest that names it and its SHA-256. A run killed at
+    any moment leaves the previous manifest and the checkpoint it names intact."""
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    name = f"checkpoint-e{state['epoch']}.pt"
+    atomic_write_bytes(os.path.join(out, name), payload)
+    manifest = {"file": name, "sha256": hashlib.sha256(payload).hexdigest(), "epoch": state["epoch"]}
+    old = read_manifest(out)
+    atomic_write_bytes(os.path.join(out, "checkpoint.json"), json.dumps(manifest).encode())
+    if old is not None and old["file"] != name and os.path.exists(os.path.join(out, old["file"])):
+        os.unlink(os.path.join(out, old["file"]))
+
+
+def read_manifest(out: str) -> dict | None:
+    path = os.path.join(out, "checkpoint.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        return {"file": str(manifest["file"]), "sha256": str(manifest["sha256"]), "epoch": int(manifest["epoch"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is corrupt ({e}); delete the run directory {out} to start over.") from e
+
+
+def load_checkpoint(out: str, map_location) -> dict:
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise RunError(f"--resume: no checkpoint in {out}; run without --resume to start the run.")
+    path = os.path.join(out, os.path.basename(manifest["file"]))
+    try:
+        with open(path, "rb") as f:
+            payload = f.read()
+    except OSError as e:
+        raise RunError(f"--resume: cannot read {path} ({e}); the run directory is incomplete.") from e
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != manifest["sha256"]:
+        raise RunError(f"--resume: {path} has SHA-256 {digest} but the manifest expects "
+                       f"{manifest['sha256']}: the file is corrupt. Nothing was loaded; delete "
+                       f"{out} to start over.")
+    import io
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+
+
+class RunError(RuntimeError):
+    """A problem the user can fix; train.py prints the message and exits with status 2."""
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(args):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK in the environment."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if world_size == 1:
+        return 0, 1, device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=10))
+    if args.batch_size % world_size:
+        raise RunError(f"--batch-size {args.batch_size} must be divisible by the {world_size} "
+                       f"processes (it is the global batch, split evenly across ranks).")
+    return dist.get_rank(), world_size, device
+
+
+def cosine_lr(base_lr: float, progress: float) -> float:
+    """Cosine decay from base_lr to 0 over training; progress in [0, 1]. The learning rate is
+    a pure function of progress, so the schedule needs no state in the checkpoint."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def evaluate(model, tap, x, y, norm, batch_size, amp_ctx, rank, world_size):
+    """Test accuracy of the rate readout (argmax of the mean over t), sharded over ranks."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    with torch.no_grad(), amp_ctx():
+        for start in range(rank * batch_size, len(x), batch_size * world_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            model(norm(xb))
+            outputs, _ = tap.pop()
+            correct += (outputs.float().mean(0).argmax(-1) == yb).sum()
+    if world_size > 1:
+        dist.all_reduce(correct)
+    model.train()
+    return correct.item() / len(x)
+
+
+def run(args, dataset: datasets.Dataset | None = None, stats=None) -> dict:
+    """Train as `args` say; return the summary (also written to args.out/results.json).
+
+    dataset, stats: a data set already in memory and its normalisation (mean, std), in place
+    of loading args.data (bench.py uses this for data sets that train.py does not ship).
+    """
+    rank, world_size, device = setup_distributed(args)
+    main_process = rank == 0
+    say = print if main_process and not args.quiet else (lambda *a, **k: None)
+
+    manifest = read_manifest(args.out) if os.path.isdir(args.out) else None
+    if manifest is not None and not args.resume:
+        raise RunError(f"{args.out} already holds a run (checkpoint at epoch {manifest['epoch']}); "
+                       f"pass --resume to continue it, or choose another --out.")
+
+    torch.manual_seed(args.seed)
+    if dataset is None:
+        # Rank 0 downloads and verifies first; the others then read the verified cache.
+        # (If rank 0 fails, the others pass the barrier, fail the same way and exit too.)
+        if rank != 0:
+            dist.barrier()
+        try:
+            dataset = datasets.load_dataset(args.data, args.data_dir, **_synthetic_sizes(args), seed=args.seed)
+        finally:
+            if rank == 0 and world_size > 1:
+                dist.barrier()
+    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+    x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
+    norm = datasets.Normalizer(stats or args.data, device)
+    N = len(x_train)
+
+    model = models.build_model(args.model, dataset.num_classes, T=args.T,
+                               compile=not args.no_compile).to(device)
+    tap = HeadTap(model.classifier, T=args.T)
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                nesterov=True, weight_decay=args.weight_decay)
+    sampler = make_sampler(args, N, rank, world_size)
+    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
+    amp_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
+    local_batch = args.batch_size // world_size
+
+    start_epoch, history, passes, train_seconds = 0, [], 0, 0.0
+    if args.resume:
+        state = load_checkpoint(args.out, map_location="cpu")
+        _check_same_run(args, state["args"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        aug_gen.set_state(state["aug_rng"][rank])
+        torch.set_rng_state(state["cpu_rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        passes, train_seconds = state["example_passes"], state["train_seconds"]
+        say(f"resumed {args.out} after epoch {state['epoch'] + 1}")
+
+    say(f"{args.method} r={args.ratio:g} on {args.data} ({N} examples), {args.model} T={args.T}, "
+        f"{world_size} process(es) on {device}")
+    say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}")
+    for row in history:
+        say(_row(row))
+
+    wall_start = time.perf_counter()
+    last_epoch = args.epochs if args.stop_after is None else args.stop_after
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), dtype=torch.long)
+        batches = order.split(local_batch)
+        # Per-step quantities stay on the device; one sync at the end of the epoch.
+        loss_sum = torch.zeros((), device=device)
+        rate_sum = torch.zeros((), device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        seen_idx, seen_scores = [], []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for step, idx in enumerate(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(args.lr, (epoch + step / len(batches)) / args.epochs)
+            idx_dev = idx.to(device, non_blocking=True)
+            xb = norm(datasets.augment(x_train[idx_dev], generator=aug_gen))
+            yb = y_train[idx_dev]
+            w = sampler.weights(idx).to(device, non_blocking=True)
+            with amp_ctx():
+                train_model(xb)
+            outputs, head_inputs = tap.pop()
+            if args.method == "sadp":
+                loss, scores = spike_aware_loss(outputs, yb, head_inputs, w, per_timestep=args.per_timestep,
+                                                label_smoothing=args.label_smoothing, exact=args.exact_score)
+            else:
+                kind = "ann" if args.method == "ann" else "loss"
+                loss, scores = baseline_loss(outputs, yb, w, kind=kind, per_timestep=args.per_timestep,
+                                             label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_d = loss.detach()
+            bad_step = torch.where(torch.isfinite(loss_d) | (bad_step >= 0), bad_step, step)
+            loss_sum += loss_d * len(idx)
+            rate_sum += model.spike_rate().detach().float()
+            seen_idx.append(idx_dev)
+            seen_scores.append(scores)
+        if int(bad_step) >= 0:
+            raise Diverged(
+                f"the loss became NaN/inf at epoch {epoch + 1}, step {int(bad_step) + 1} of "
+                f"{len(batches)} (lr {args.lr}). The last good checkpoint (epoch {epoch}) is kept "
+                f"in {args.out}; lower --lr, or try --no-compile / without --amp to locate the cause.")
+        sampler.update(torch.cat(seen_idx), torch.cat(seen_scores))
+        epoch_passes = len(order) * world_size
+        if world_size > 1:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(rate_sum)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        passes += epoch_passes
+        accuracy = evaluate(model, tap, x_test, y_test, norm, 500, amp_ctx, rank, world_size)
+        row = {"epoch": epoch + 1, "examples": epoch_passes, "seconds": seconds,
+               "train_loss": loss_sum.item() / epoch_passes,
+               "test_acc": accuracy, "spike_rate": rate_sum.item() / (len(batches) * world_size)}
+        history.append(row)
+        say(_row(row))
+        if main_process:
+            save_checkpoint(args.out, {
+                "epoch": epoch, "args": _args_dict(args), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+                "aug_rng": _gather_states(aug_gen.get_state(), world_size),
+                "cpu_rng": torch.get_rng_state(), "history": history,
+                "example_passes": passes, "train_seconds": train_seconds})
+        elif world_size > 1:
+            _gather_states(aug_gen.get_state(), world_size)
+        if world_size > 1:
+            dist.barrier()
+
+    summary = {
+        "method": args.method, "ratio": args.ratio, "data": args.data, "model": args.model,
+        "T": args.T, "epochs": args.epochs, "seed": args.seed, "world_size": world_size,
+        "device": str(device), "torch": torch.__version__,
+        "example_passes": passes, "full_data_passes": N * len(history),
+        "pass_fraction": passes / (N * len(history)),
+        "theoretical_speedup": 1.0 / (1.0 - args.ratio),
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "epochs_done": len(history),
+        "best_test_acc": max(r["test_acc"] for r in history),
+        "final_test_acc": history[-1]["test_acc"],
+        "history": history, "args": _args_dict(args),
+    }
+    if main_process:
+        atomic_write_bytes(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1).encode())
+        if not args.quiet:
+            print(f"\n{args.method} r={args.ratio:g}: {passes} example-passes = "
+                  f"{summary['pass_fraction']:.3f} of full data (theoretical speedup "
+                  f"{summary['theoretical_speedup']:.2f}x), train time {train_seconds:.1f} s, "
+                  f"test accuracy best {summary['best_test_acc']:.2%} final {summary['final_test_acc']:.2%}"
+                  f"\nresults: {os.path.join(args.out, 'results.json')}")
+    tap.remove()
+    return summary
+
+
+def _gather_states(state: torch.Tensor, world_size: int) -> list:
+    """Every rank's augmentation RNG state, so a resumed DDP run continues each rank's stream."""
+    if world_size == 1:
+        return [state]
+    parts = [torch.empty_like(state) for _ in range(world_size)]
+    if dist.get_backend() == "nccl":
+        dev = torch.device("cuda", torch.cuda.current_device())
+        tmp = [p.to(dev) for p in parts]
+        dist.all_gather(tmp, state.to(dev))
+        return [t.cpu() for t in tmp]
+    dist.all_gather(parts, state)
+    return parts
+
+
+def _synthetic_sizes(args) -> dict:
+    if args.data != "synthetic":
+        return {}
+    return {k: v for k, v in (("num_train", args.train_size), ("num_test", args.test_size)) if v is not None}
+
+
+_SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_size", "lr", "momentum",
+             "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
+             "initial_score", "exact_score", "seed")
+
+
+def _args_dict(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _check_same_run(args, saved: dict) -> None:
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
+              for k in _SAME_RUN if saved.get(k) != getattr(args, k)]
+    if differ:
+        raise RunError("--resume with settings that differ from the saved run: " + ", ".join(differ)
+                       + ". Resume with the original flags, or start a new run with another --out.")
+
+
+def _row(r: dict) -> str:
+    return (f"{r['epoch']:>5} {r['examples']:>9} {r['seconds']:>8.2f} {r['train_loss']:>10.4f} "
+            f"{r['test_acc']:>8.2%} {r['spike_rate']:>10.4f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (RunError, datasets.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
