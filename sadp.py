@@ -332,7 +332,10 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             p = p / p.sum()               # exact normalisation in float64
             # m i.i.d. draws by inverting the CDF: exact for any N (torch.multinomial caps N at 2^24).
             cdf = p.cumsum(0)
-            u = torch.rand(m_padded, generator=gen, dtype=torch.float64) * cdf[-1]
+            # The padding for world_size is drawn after the m draws, so the union of the ranks'
+            # shares starts with exactly the single-process draw.
+            u = torch.cat([torch.rand(m, generator=gen, dtype=torch.float64),
+                           torch.rand(m_padded - m, generator=gen, dtype=torch.float64)]) * cdf[-1]
             draw = torch.searchsorted(cdf, u, right=True).clamp_max(N - 1)
         self.epoch = int(epoch)
         self.probabilities = p
