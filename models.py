@@ -70,13 +70,17 @@ __all__ = [
 # also matters: a Function whose backward reads a Python float from ctx crashed dynamo once that
 # float became symbolic (after a change of alpha, or with dynamic=True).
 
-class ATanSpike(torch.autograd.Function):
-    """H(u) forward; backward is the derivative of (1/pi) atan(pi/2 * u) + 1/2 (SpikingJelly's ATan)."""
+class _Spike(torch.autograd.Function):
+    """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
 
     @staticmethod
     def forward(ctx, u: Tensor) -> Tensor:
         ctx.save_for_backward(u)
         return (u >= 0).to(u.dtype)
+
+
+class ATanSpike(_Spike):
+    """Backward: the derivative of (1/pi) atan(pi/2 * u) + 1/2 (SpikingJelly's ATan)."""
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -84,13 +88,8 @@ class ATanSpike(torch.autograd.Function):
         return grad * (0.5 / (1 + (math.pi / 2 * u) ** 2))
 
 
-class SigmoidSpike(torch.autograd.Function):
-    """H(u) forward; backward is the derivative of sigmoid(u)."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor) -> Tensor:
-        ctx.save_for_backward(u)
-        return (u >= 0).to(u.dtype)
+class SigmoidSpike(_Spike):
+    """Backward: the derivative of sigmoid(u)."""
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:

@@ -265,6 +265,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
 
     def __init__(self, num_examples: int, ratio: float, *, seed: int = 0,
                  epsilon: float = 0.1, initial_score: float | str = "mean",
+                 replacement: bool = True,
                  rank: int | None = None, world_size: int | None = None):
         if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
             raise ValueError(f"num_examples must be a positive int (the training-set size); got {num_examples!r}.")
@@ -289,6 +290,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         self.seed = int(seed)
         self.epsilon = float(epsilon)
         self.initial_score = initial_score
+        self.replacement = bool(replacement)
         self.rank, self.world_size = _dist_place(rank, world_size)
         self.scores = torch.zeros(num_examples, dtype=torch.float64)  # S (valid where seen)
         self.seen = torch.zeros(num_examples, dtype=torch.bool)
@@ -330,13 +332,15 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             share = S / top / (S / top).sum() if top > 0 else torch.full_like(S, 1.0 / N)
             p = (1.0 - self.epsilon) * share + self.epsilon / N
             p = p / p.sum()               # exact normalisation in float64
-            # m i.i.d. draws by inverting the CDF: exact for any N (torch.multinomial caps N at 2^24).
-            cdf = p.cumsum(0)
-            # The padding for world_size is drawn after the m draws, so the union of the ranks'
-            # shares starts with exactly the single-process draw.
-            u = torch.cat([torch.rand(m, generator=gen, dtype=torch.float64),
-                           torch.rand(m_padded - m, generator=gen, dtype=torch.float64)]) * cdf[-1]
-            draw = torch.searchsorted(cdf, u, right=True).clamp_max(N - 1)
+            if self.replacement:
+                draw = _draw_iid(p, m, gen)
+            else:
+                p = _capped(p, m)
+                draw = _draw_systematic(p * m, gen)
+            # Padding for world_size: extra i.i.d. draws from p, drawn after the m draws so that
+            # the union of the ranks' shares starts with exactly the single-process draw. Every
+            # position of the epoch is then an unbiased draw, so every minibatch stays unbiased.
+            draw = torch.cat([draw, _draw_iid(p, m_padded - m, gen)])
         self.epoch = int(epoch)
         self.probabilities = p
         self._draw = draw
@@ -392,13 +396,13 @@ class SADPSampler(torch.utils.data.Sampler[int]):
 
     def state_dict(self) -> dict:
         return {"num_examples": self.num_examples, "ratio": self.ratio, "seed": self.seed,
-                "epsilon": self.epsilon, "scores": self.scores.clone(), "seen": self.seen.clone(),
+                "epsilon": self.epsilon, "replacement": self.replacement, "scores": self.scores.clone(), "seen": self.seen.clone(),
                 "epoch": self.epoch,
                 "probabilities": None if self.probabilities is None else self.probabilities.clone(),
                 "draw": None if self._draw is None else self._draw.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("num_examples", "ratio", "seed", "epsilon"):
+        for key in ("num_examples", "ratio", "seed", "epsilon", "replacement"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state has {key}={state[key]!r} but this sampler has "
@@ -410,6 +414,44 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         self.epoch = state["epoch"]
         self.probabilities = None if state["probabilities"] is None else state["probabilities"].clone()
         self._draw = None if state["draw"] is None else state["draw"].clone()
+
+
+def _draw_iid(p: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """k i.i.d. draws from p by inverting its CDF (exact for any N; torch.multinomial caps N at 2^24)."""
+    cdf = p.cumsum(0)
+    u = torch.rand(k, generator=gen, dtype=torch.float64) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(len(p) - 1)
+
+
+def _capped(p: Tensor, m: int) -> Tensor:
+    """The p closest to the given one whose inclusion probabilities pi = m p are all <= 1.
+
+    Without replacement an example cannot be drawn more than once per epoch, so pi_i = m p_i
+    must not exceed 1. Examples above 1 are included for sure (pi = 1) and the others are
+    rescaled to keep sum(pi) = m; repeat until none is above 1 (a handful of rounds).
+    """
+    pi = p * m
+    while bool((pi > 1.0).any()):
+        sure = pi >= 1.0
+        pi[sure] = 1.0
+        pi[~sure] *= (m - int(sure.sum())) / pi[~sure].sum()
+    return pi / m
+
+
+def _draw_systematic(pi: Tensor, gen: torch.Generator) -> Tensor:
+    """Exactly m = sum(pi) distinct indices, example i included with probability pi_i <= 1.
+
+    Systematic sampling on a random order: lay the pi_i end to end (total length m) in a random
+    permutation and take the examples under the points u, u + 1, ..., u + m - 1 for one
+    u ~ U[0, 1). An interval of length pi_i <= 1 holds at most one point, and holds one with
+    probability pi_i. The selected examples come out in the random permutation's order.
+    """
+    order = torch.randperm(len(pi), generator=gen)
+    ends = pi[order].cumsum(0)
+    m = round(float(ends[-1]))
+    ends = ends * (m / ends[-1])
+    points = torch.rand(1, generator=gen, dtype=torch.float64) + torch.arange(m, dtype=torch.float64)
+    return order[torch.searchsorted(ends, points, right=True).clamp_max(len(pi) - 1)]
 
 
 def _seed_for(seed: int, epoch: int) -> int:

@@ -23,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sampler_worker(rank, world_size, port, out_dir, N, ratio):
+def _sampler_worker(rank, world_size, port, out_dir, N, ratio, replacement):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        s = SADPSampler(N, ratio, seed=5)            # rank and world size from torch.distributed
+        s = SADPSampler(N, ratio, seed=5, replacement=replacement)   # rank, world size: from dist
         record = {"len": len(s)}
         for epoch in range(3):
             s.set_epoch(epoch)
@@ -44,10 +44,11 @@ def _sampler_worker(rank, world_size, port, out_dir, N, ratio):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("N, ratio", [(101, 0.3), (40, 0.0)])
-def test_ranks_hold_identical_tables_and_shares_union_to_the_single_process_draw(tmp_path, N, ratio):
+@pytest.mark.parametrize("N, ratio, replacement", [(101, 0.3, True), (101, 0.3, False), (40, 0.0, True)])
+def test_ranks_hold_identical_tables_and_shares_union_to_the_single_process_draw(tmp_path, N, ratio,
+                                                                                 replacement):
     world_size = 2
-    mp.spawn(_sampler_worker, args=(world_size, free_port(), str(tmp_path), N, ratio),
+    mp.spawn(_sampler_worker, args=(world_size, free_port(), str(tmp_path), N, ratio, replacement),
              nprocs=world_size, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size))
     assert torch.equal(r0["scores"], r1["scores"]) and torch.equal(r0["seen"], r1["seen"])
@@ -56,7 +57,7 @@ def test_ranks_hold_identical_tables_and_shares_union_to_the_single_process_draw
     assert r0["len"] == r1["len"] == -(-m // world_size)       # equal steps on every rank
 
     # the single-process sampler, fed the same (gathered) scores, makes the same draws
-    single = SADPSampler(N, ratio, seed=5)
+    single = SADPSampler(N, ratio, seed=5, replacement=replacement)
     for epoch in range(3):
         assert torch.equal(r0[f"p{epoch}"], r1[f"p{epoch}"])
         single.set_epoch(epoch)
@@ -91,8 +92,8 @@ def _torchrun(args, timeout):
 
 def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path):
     flags = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-compile",
-             "--train-size", "2000", "--test-size", "500", "--batch-size", "64", "--T", "2",
-             "--epochs", "3", "--lr", "0.05", "--ratio", "0.3"]
+             "--train-size", "2000", "--test-size", "500", "--batch-size", "32", "--T", "2",
+             "--epochs", "3", "--lr", "0.1", "--ratio", "0.3"]
     code, out = _torchrun(flags + ["--out", str(tmp_path / "ddp")], timeout=300)
     assert code == 0, out
     assert out.count("example-passes") == 1                # only rank 0 prints the summary
@@ -102,7 +103,7 @@ def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path
     single = train.run(train.parse_args(flags + ["--out", str(tmp_path / "one"), "--quiet"]))
     assert ddp["world_size"] == 2
     assert ddp["example_passes"] == single["example_passes"] == 3 * 1400
-    assert ddp["final_test_acc"] > 0.3 and single["final_test_acc"] > 0.3
+    assert ddp["final_test_acc"] > 0.5 and single["final_test_acc"] > 0.5    # chance is 0.1
     assert abs(ddp["final_test_acc"] - single["final_test_acc"]) < 0.15
 
     # stopped after epoch 2 and resumed with the same world size == the uninterrupted run

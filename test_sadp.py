@@ -222,6 +222,43 @@ def test_draw_frequencies_match_probabilities():
     torch.testing.assert_close(s.weights(idx).double(), 1 / (N * p), rtol=1e-6, atol=0)
 
 
+def test_without_replacement_draws_distinct_examples_with_inclusion_probability_m_p():
+    """replacement=False: each epoch holds m distinct examples, example i with probability
+    pi_i = m p_i <= 1 (capped where the scores would ask for more), weights 1/(N p) as before.
+    Catches: duplicates, a sample size other than m, inclusion frequencies that are not m p."""
+    N, m, epochs = 20, 14, 3000
+    s = SADPSampler(N, ratio=0.3, seed=2, epsilon=0.1, replacement=False)
+    S = torch.linspace(0.1, 5.0, N) ** 2
+    s.update(torch.arange(N), S)
+    counts = torch.zeros(N, dtype=torch.float64)
+    for e in range(epochs):
+        s.set_epoch(e)
+        draw = list(s)
+        assert len(draw) == len(set(draw)) == m
+        counts += torch.bincount(torch.tensor(draw), minlength=N)
+    pi = m * s.probabilities
+    assert abs(float(s.probabilities.sum()) - 1) < 1e-12 and float(pi.max()) <= 1 + 1e-12
+    assert (pi == 1).sum() >= 5                      # the high scores are capped at certainty
+    # binomial standard error per example: 5 sigma
+    se = (pi * (1 - pi) / epochs).sqrt()
+    assert torch.all((counts / epochs - pi).abs() <= 5 * se + 1e-9)
+    # uncapped examples keep the proportions of (1 - eps) S / sum S + eps / N
+    free = pi < 1
+    target = 0.9 * S.double() / S.sum() + 0.1 / N
+    ratio = s.probabilities[free] / target[free]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio[0])))
+    torch.testing.assert_close(s.weights(torch.arange(N)).double(), 1 / (N * s.probabilities), rtol=1e-6, atol=0)
+
+
+def test_uniform_without_replacement_is_a_plain_random_subset():
+    s = SADPSampler(100, 0.3, epsilon=1.0, replacement=False)
+    s.update(torch.arange(100), torch.rand(100))
+    s.set_epoch(0)
+    draw = list(s)
+    assert len(set(draw)) == 70
+    torch.testing.assert_close(s.weights(torch.tensor(draw)), torch.ones(70))
+
+
 class TinySNN(torch.nn.Module):
     """x -> linear -> spikes (hard threshold, straight-through surrogate) -> linear head."""
 
@@ -237,8 +274,8 @@ class TinySNN(torch.nn.Module):
         return self.head(spikes), spikes
 
 
-@pytest.mark.parametrize("per_timestep", [False, True])
-def test_weighted_gradient_is_unbiased_for_the_full_data_gradient(per_timestep):
+@pytest.mark.parametrize("per_timestep, replacement", [(False, True), (True, True), (False, False)])
+def test_weighted_gradient_is_unbiased_for_the_full_data_gradient(per_timestep, replacement):
     """sum_i p_i grad(w_i l_i) == (1/N) sum_i grad l_i, for all model parameters, to float64
     tolerance. Catches any weight or loss-scaling mistake: 1/p instead of 1/(N p), weights
     normalised inside the batch, the wrong p frozen, a loss mean over the wrong axis."""
@@ -246,7 +283,7 @@ def test_weighted_gradient_is_unbiased_for_the_full_data_gradient(per_timestep):
     N = 12
     model = TinySNN()
     x, y = torch.randn(N, 6, dtype=torch.float64), torch.randint(0, 3, (N,))
-    s = SADPSampler(N, ratio=0.5, epsilon=0.3)
+    s = SADPSampler(N, ratio=0.5, epsilon=0.3, replacement=replacement)
     s.update(torch.arange(N), torch.rand(N) * 4)
     s.set_epoch(0)
     params = list(model.parameters())

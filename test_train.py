@@ -22,13 +22,13 @@ def run(tmp_path, *extra, name="run"):
 def learned(tmp_path_factory):
     """sadp and full on the same small problem; shared by the tests that read their results."""
     tmp = tmp_path_factory.mktemp("runs")
-    common = ["--epochs", "4", "--train-size", "2000", "--lr", "0.05"]
+    common = ["--epochs", "3", "--train-size", "2000", "--lr", "0.1", "--batch-size", "32"]
     return {m: run(tmp, *common, "--method", m, name=m) | {"out": str(tmp / m)} for m in ("sadp", "full")}
 
 
 @pytest.mark.parametrize("method", ["sadp", "full"])
 def test_learns_clearly_above_chance(learned, method):
-    assert learned[method]["final_test_acc"] > 0.3      # chance is 0.1
+    assert learned[method]["final_test_acc"] > 0.5      # chance is 0.1
 
 
 def test_summary_fields_and_budget(learned):
@@ -41,7 +41,7 @@ def test_summary_fields_and_budget(learned):
     assert on_disk["final_test_acc"] == s["final_test_acc"]
     assert s["theoretical_speedup"] == pytest.approx(1 / 0.7)
     # example-passes: (1 - r) of full data, within one batch
-    assert abs(s["example_passes"] - 0.7 * s["full_data_passes"]) <= 64
+    assert abs(s["example_passes"] - 0.7 * s["full_data_passes"]) <= 32
     assert learned["full"]["example_passes"] == learned["full"]["full_data_passes"]
     for row in s["history"]:
         assert set(row) >= {"epoch", "examples", "seconds", "train_loss", "test_acc", "spike_rate"}

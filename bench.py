@@ -1,0 +1,629 @@
+"""The measurements behind every number in README.md, side by side in one run.
+
+    python bench.py --quick                 # a few minutes on 2 CPU cores
+    python bench.py --out bench.json        # everything (tens of minutes on a CPU)
+    python bench.py --only variance,lif     # some sections
+
+Sections (each prints a markdown table; all of them go to --out as JSON):
+  speedup   training time of sadp at r in {0.3, 0.5, 0.7} vs full data, runs interleaved
+            A/B/A/B, median of the ratios, against the theoretical 1/(1 - r); and where the gap goes
+  overhead  one training step with the spike-aware score vs the same step with a plain loss
+  variance  per-example gradients of *all* parameters on a partly trained SNN: variance of the
+            re-weighted gradient estimator under each score, as a ratio to uniform sampling and
+            to the oracle p ~ ||grad||, and each score's rank correlation with the true norm
+  lif       LIF forward+backward: eager vs compiled, and SpikingJelly / snnTorch when installed
+  accuracy  full, uniform, infobatch, ann, sadp at r in {0.3, 0.5, 0.7}, several seeds, on the
+            synthetic data set and on scikit-learn's digits (when scikit-learn is installed)
+
+Nothing here asserts: the benchmark reports. Timings are ratios measured in one process,
+interleaved, because these machines are shared and noisy; absolute times are only meaningful
+on a dedicated GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data as datasets
+import models
+import train
+from sadp import SADPSampler, baseline_loss, head_gradient_bound, head_gradient_norm, spike_aware_loss
+
+SECTIONS = ("speedup", "overhead", "variance", "lif", "accuracy")
+# The accuracy section's methods at each ratio: train.py's, plus sadp drawn i.i.d. (with
+# replacement, as METHOD.md derives it) next to train.py's default without replacement.
+METHODS = ("uniform", "infobatch", "ann", "sadp-iid", "sadp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    lines = [f"\n### {title}\n", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation (ties broken by order, fine for continuous scores)."""
+    ra = a.double().argsort().argsort().double()
+    rb = b.double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def digits_dataset(seed: int = 0) -> tuple[datasets.Dataset, tuple]:
+    """scikit-learn's handwritten digits (1797 8x8 images, 10 classes), upscaled 2x to 16x16
+    RGB uint8 (16x16), split 80/20 with a fixed permutation. Needs scikit-learn (not a requirement of
+    the project; bench.py skips it when absent)."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32) * (255.0 / 16.0)
+    x = x.round().to(torch.uint8).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_train = int(0.8 * len(y))
+    tr, te = perm[:n_train], perm[n_train:]
+    mean = (x[tr].float() / 255).mean().item()
+    std = (x[tr].float() / 255).std().item()
+    return datasets.Dataset(x[tr], y[tr], x[te], y[te], 10), ((mean,) * 3, (std,) * 3)
+
+
+def bench_args(cfg: dict, out: str, **over) -> argparse.Namespace:
+    """train.py's arguments for one benchmark run."""
+    flags = {"data": "synthetic", "model": "convnet", "device": cfg["device"], "T": cfg["T"],
+             "epochs": cfg["epochs"], "batch-size": cfg["batch_size"], "lr": cfg["lr"],
+             "method": "sadp", "ratio": None, "seed": 0, "out": out}
+    flags.update({k.replace("_", "-"): v for k, v in over.items()})
+    argv = ["--quiet"] + ([] if cfg["compile"] else ["--no-compile"])
+    if cfg.get("amp"):
+        argv.append("--amp")
+    for k, v in flags.items():
+        if v is None:
+            continue
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not False:
+            argv += [f"--{k}", str(v)]
+    return train.parse_args(argv)
+
+
+def train_once(cfg, dataset, stats, **over) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return train.run(bench_args(cfg, os.path.join(tmp, "run"), **over), dataset=dataset, stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Speedup vs the theoretical 1 / (1 - r)
+# ---------------------------------------------------------------------------------------------
+
+def bench_speedup(cfg, results):
+    ds = datasets.make_synthetic(cfg["speed_train"], 500, seed=0)
+    ratios = cfg["speed_ratios"]
+    train_once(cfg, ds, None, method="full", epochs=1)           # warm-up: compile, caches
+    per_ratio = {r: [] for r in ratios}
+    times = {r: [] for r in ratios}
+    for rep in range(cfg["speed_reps"]):
+        for r in ratios:                                          # A/B interleaved
+            full = train_once(cfg, ds, None, method="full", seed=rep)
+            sadp = train_once(cfg, ds, None, method="sadp", ratio=r, seed=rep)
+            per_ratio[r].append(full["train_seconds"] / sadp["train_seconds"])
+            times[r].append((full["train_seconds"], sadp["train_seconds"]))
+    rows, out = [], []
+    for r in ratios:
+        measured = statistics.median(per_ratio[r])
+        theory = 1 / (1 - r)
+        rows.append([r, round(measured, 3), round(theory, 3), round(measured / theory, 3),
+                     f"{min(per_ratio[r]):.3f}-{max(per_ratio[r]):.3f}"])
+        out.append({"ratio": r, "measured_speedup": measured, "theoretical": theory,
+                    "fraction_of_theoretical": measured / theory, "all_ratios": per_ratio[r],
+                    "seconds_full_sadp": times[r]})
+    results["speedup"] = {"runs": out, "config": {k: cfg[k] for k in ("speed_train", "epochs", "T", "batch_size")}}
+    table(f"Speedup of sadp over full data (synthetic, {cfg['speed_train']} examples, convnet, "
+          f"T={cfg['T']}, {cfg['epochs']} epochs, median of {cfg['speed_reps']} interleaved pairs)",
+          ["ratio r", "measured speedup", "1/(1-r)", "measured / theoretical", "range"], rows)
+
+    # Where the gap goes: the per-epoch sampler work, timed alone, at this N and at ImageNet's N.
+    rows = []
+    for N in (cfg["speed_train"], 1_281_167):
+        s = SADPSampler(N, 0.3)
+        s.update(torch.arange(N), torch.rand(N))
+        t_epoch = statistics.median(timeit(lambda: (s.set_epoch(1), list(s)), torch.device("cpu")) for _ in range(3))
+        idx, sc = torch.randint(0, N, (round(0.7 * N),)), torch.rand(round(0.7 * N))
+        t_update = statistics.median(timeit(lambda: s.update(idx, sc), torch.device("cpu")) for _ in range(3))
+        w_idx = torch.randint(0, N, (cfg["batch_size"],))
+        t_weights = statistics.median(timeit(lambda: s.weights(w_idx), torch.device("cpu")) for _ in range(50))
+        rows.append([N, round(t_epoch * 1e3, 2), round(t_update * 1e3, 2), round(t_weights * 1e6, 1)])
+        results["speedup"].setdefault("sampler_ms", []).append(
+            {"N": N, "set_epoch_and_iter_ms": t_epoch * 1e3, "update_epoch_ms": t_update * 1e3,
+             "weights_per_batch_us": t_weights * 1e6})
+    table("Sampler cost per epoch (CPU): freeze p + draw, one update with a whole epoch of scores, "
+          "weights of one batch", ["N", "set_epoch + iter (ms)", "update (ms)", "weights (us/batch)"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Score overhead per training step
+# ---------------------------------------------------------------------------------------------
+
+def bench_overhead(cfg, results):
+    device = torch.device(cfg["device"])
+    ds = datasets.make_synthetic(cfg["batch_size"], 10, seed=0)
+    norm = datasets.Normalizer("synthetic", device)
+    x, y = norm(ds.x_train.to(device)), ds.y_train.to(device)
+    w = torch.ones(len(y), device=device)
+    rows, out = [], {}
+    for name in cfg["overhead_models"]:
+        torch.manual_seed(0)
+        model = models.build_model(name, 10, T=cfg["T"], compile=cfg["compile"]).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        from sadp import HeadTap
+        tap = HeadTap(model.classifier, T=cfg["T"])
+        bs = len(y) if name == "convnet" else cfg["big_batch"]
+        xb, yb, wb = x[:bs], y[:bs], w[:bs]
+        amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.get("amp") else _null
+
+        def step(kind):
+            def run():
+                with amp():
+                    model(xb)
+                outputs, head_inputs = tap.pop()
+                if kind == "plain":
+                    loss = F.cross_entropy(outputs.float().mean(0), yb)
+                elif kind == "bound":
+                    loss, _ = spike_aware_loss(outputs, yb, head_inputs, wb)
+                else:
+                    loss, _ = spike_aware_loss(outputs, yb, head_inputs, wb, exact=True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return run
+
+        kinds = ("plain", "bound", "exact")
+        for _ in range(3):                                        # warm-up, compile
+            for k in kinds:
+                step(k)()
+        samples = {k: [] for k in kinds}
+        for _ in range(cfg["overhead_reps"]):                    # interleaved
+            for k in kinds:
+                samples[k].append(timeit(step(k), device))
+        plain = statistics.median(samples["plain"])
+        ratios = {k: statistics.median(a / b for a, b in zip(samples[k], samples["plain"])) for k in kinds}
+        # the score computation alone, to show what the percentage is made of
+        with torch.no_grad(), amp():
+            model(xb)
+        outputs, head_inputs = tap.pop()
+        g = (outputs.float().mean(0).softmax(-1) - F.one_hot(yb, 10)).div(cfg["T"]).expand_as(outputs.float())
+        t_bound = statistics.median(timeit(lambda: head_gradient_bound(g, head_inputs), device) for _ in range(50))
+        t_exact = statistics.median(timeit(lambda: head_gradient_norm(g, head_inputs), device) for _ in range(50))
+        tap.remove()
+        rows.append([name, bs, round(plain * 1e3, 1), f"{(ratios['bound'] - 1) * 100:+.2f}%",
+                     f"{(ratios['exact'] - 1) * 100:+.2f}%", round(t_bound * 1e6, 1),
+                     f"{t_bound / plain * 100:.3f}%", round(t_exact * 1e6, 1), f"{t_exact / plain * 100:.3f}%"])
+        out[name] = {"batch": bs, "plain_step_ms": plain * 1e3, "bound_overhead": ratios["bound"] - 1,
+                     "exact_overhead": ratios["exact"] - 1, "bound_alone_us": t_bound * 1e6,
+                     "exact_alone_us": t_exact * 1e6, "samples": samples}
+    results["overhead"] = out
+    table(f"Score overhead per training step ({device.type}, T={cfg['T']}, median of "
+          f"{cfg['overhead_reps']} interleaved steps)",
+          ["model", "batch", "plain step (ms)", "step with bound", "step with exact",
+           "bound alone (us)", "bound / step", "exact alone (us)", "exact / step"], rows)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Gradient variance vs the oracle
+# ---------------------------------------------------------------------------------------------
+
+def per_example_grads(model, x, y):
+    """Flattened gradient of every parameter for each example (BN in eval mode: independent)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        out = model(x[i:i + 1])
+        loss = F.cross_entropy(out.float().mean(0), y[i:i + 1])
+        grads = torch.autograd.grad(loss, params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(rows)
+
+
+def estimator_variance(G: torch.Tensor, p: torch.Tensor) -> float:
+    """m * Var of the re-weighted estimator: sum_i ||g_i||^2 / (N^2 p_i) - ||mean g||^2."""
+    N = G.shape[0]
+    return float((G.square().sum(1) / (N * N * p)).sum() - G.mean(0).square().sum())
+
+
+def sampled_variance(G, scores, ratio, eps, replacement, epochs) -> float:
+    """Trace of the covariance of (1/m) sum_j w_j g_j over `epochs` draws of SADPSampler."""
+    N = G.shape[0]
+    s = SADPSampler(N, ratio, seed=123, epsilon=eps, replacement=replacement)
+    s.update(torch.arange(N), scores.double().clamp_min(0))
+    estimates = []
+    for e in range(epochs):
+        s.set_epoch(e)
+        idx = torch.tensor(list(s))
+        estimates.append((s.weights(idx).double()[:, None] * G[idx]).mean(0))
+    return float(torch.stack(estimates).var(0).sum())
+
+
+def score_table(model, tap, x, y, T):
+    """Every score for every example, from one batched forward (eval mode)."""
+    with torch.no_grad():
+        model(x)
+    outputs, head_inputs = tap.pop()
+    _, bound = spike_aware_loss(outputs, y, head_inputs)
+    _, exact = spike_aware_loss(outputs, y, head_inputs, exact=True)
+    _, ann = baseline_loss(outputs, y, kind="ann")
+    _, loss = baseline_loss(outputs, y, kind="loss")
+    return {"sadp": bound, "sadp-exact": exact, "ann": ann, "loss": loss}
+
+
+def data_sets(cfg, num_train, num_test) -> list[dict]:
+    """The data sets of the variance and accuracy sections, with how each is trained.
+
+    digits is small and 16x16: batch 32 (enough steps per epoch) and no crop/flip (a 4-pixel
+    shift of a 16-pixel digit, or a mirrored digit, is another digit)."""
+    sets = [{"name": "synthetic", "data": datasets.make_synthetic(num_train, num_test, seed=0),
+             "stats": None, "batch_size": cfg["batch_size"], "augment": True,
+             "epochs": cfg["epochs_acc"], "var_epochs": cfg["var_epochs"]}]
+    if _has_sklearn():
+        ds, stats = digits_dataset()
+        sets.append({"name": "digits", "data": ds, "stats": stats, "batch_size": 32, "augment": False,
+                     "epochs": cfg["epochs_digits"], "var_epochs": cfg["var_epochs_digits"]})
+    return sets
+
+
+def bench_variance(cfg, results):
+    from sadp import HeadTap
+    out = {}
+    for spec in data_sets(cfg, cfg["var_train"], 500):
+        name, ds, stats, batch = spec["name"], spec["data"], spec["stats"], spec["batch_size"]
+        norm = datasets.Normalizer(stats or "synthetic")
+        torch.manual_seed(0)
+        model = models.build_model("convnet", ds.num_classes, T=cfg["T"], compile=cfg["compile"])
+        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+        pool = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(1))[: cfg["var_pool"]]
+        xp, yp = norm(ds.x_train[pool]), ds.y_train[pool]
+        checkpoints = spec["var_epochs"]
+        gen = torch.Generator().manual_seed(0)
+        rows_var, rows_rho, snaps = [], [], []
+        epoch = 0
+        for stop in checkpoints:
+            model.train()
+            while epoch < stop:                                   # plain full-data training
+                order = torch.randperm(len(ds.y_train), generator=gen)
+                for k, idx in enumerate(order.split(batch)):
+                    progress = (epoch + k * batch / len(order)) / checkpoints[-1]
+                    for group in opt.param_groups:
+                        group["lr"] = train.cosine_lr(cfg["lr"], progress)
+                    xb = ds.x_train[idx]
+                    out_ = model(norm(datasets.augment(xb, generator=gen) if spec["augment"] else xb))
+                    loss = F.cross_entropy(out_.mean(0), ds.y_train[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                epoch += 1
+            model.eval()
+            tap = HeadTap(model.classifier, T=cfg["T"])
+            scores = score_table(model, tap, xp, yp, cfg["T"])
+            tap.remove()
+            G = per_example_grads(model, xp, yp)
+            truth = G.norm(dim=1)
+            N = len(yp)
+            uniform = torch.full((N,), 1.0 / N, dtype=torch.float64)
+            v_uni = estimator_variance(G, uniform)
+            v_oracle = estimator_variance(G, truth / truth.sum())
+            snap = {"epoch": stop, "uniform": v_uni, "oracle": v_oracle / v_uni, "scores": {}}
+            for sname, s in list(scores.items()) + [("oracle", truth)]:
+                s = s.double().clamp_min(0)
+                for eps in (0.0, 0.1):
+                    p = (1 - eps) * s / s.sum() + eps / N
+                    snap["scores"].setdefault(sname, {})[f"eps={eps}"] = estimator_variance(G, p) / v_uni
+                snap["scores"][sname]["spearman"] = spearman(s, truth)
+            # The epoch's estimator (1/m) sum_j w_j g_j as the sampler really draws it, with and
+            # without replacement: Monte Carlo over many epochs with the pool as the data set.
+            snap["epoch_estimator"] = {}
+            for label, sc, eps in (("uniform", torch.ones(N), 1.0), ("sadp", scores["sadp"], 0.1),
+                                   ("oracle", truth, 0.1)):
+                for replacement in (True, False):
+                    v = sampled_variance(G, sc, cfg["var_ratio"], eps, replacement, cfg["var_mc"])
+                    snap["epoch_estimator"][f"{label}, {'with' if replacement else 'without'}"] = v
+            base = snap["epoch_estimator"]["uniform, with"]
+            snap["epoch_estimator"] = {k: v / base for k, v in snap["epoch_estimator"].items()}
+            snaps.append(snap)
+        model.train()
+        names = ["loss", "ann", "sadp", "sadp-exact", "oracle"]
+        for sname in names:
+            rows_var.append([sname] + [f"{s['scores'][sname]['eps=0.0']:.3f} / {s['scores'][sname]['eps=0.1']:.3f}"
+                                       for s in snaps])
+            rows_rho.append([sname] + [round(s["scores"][sname]["spearman"], 3) for s in snaps])
+        rows_var.insert(0, ["uniform"] + ["1"] * len(snaps))
+        heads = [f"epoch {s['epoch']}" for s in snaps]
+        table(f"Gradient variance vs uniform, {name} ({cfg['var_pool']} examples, all parameters, "
+              f"BN in eval mode; p = score, eps = 0 / eps = 0.1 mix; lower is better, oracle is the floor)",
+              ["score"] + heads, rows_var)
+        table(f"Spearman rank correlation of each score with the true gradient norm, {name}",
+              ["score"] + heads, rows_rho)
+        rows_mc = [[k] + [round(s["epoch_estimator"][k], 3) for s in snaps] for k in snaps[0]["epoch_estimator"]]
+        table(f"Variance of an epoch's gradient estimate as the sampler draws it, with vs without "
+              f"replacement ({name}, r = {cfg['var_ratio']}, eps = 0.1, Monte Carlo over "
+              f"{cfg['var_mc']} epochs; relative to uniform with replacement)", ["sampling"] + heads, rows_mc)
+        out[name] = snaps
+    results["variance"] = out
+
+
+def _has_sklearn() -> bool:
+    try:
+        import sklearn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. LIF throughput
+# ---------------------------------------------------------------------------------------------
+
+def bench_lif(cfg, results):
+    device = torch.device(cfg["device"])
+    shape = cfg["lif_shape"]
+    x0 = torch.randn(*shape, device=device) * 1.5
+    candidates = {"ours eager": models.LIF(compile=False), "ours compiled": models.LIF(compile=True)}
+    try:
+        from spikingjelly.activation_based import neuron as sj_neuron
+        candidates["SpikingJelly LIFNode (torch)"] = sj_neuron.LIFNode(
+            tau=2.0, step_mode="m", backend="torch", surrogate_function=__import__(
+                "spikingjelly.activation_based.surrogate", fromlist=["ATan"]).ATan())
+    except Exception as e:                                            # optional
+        results.setdefault("lif_skipped", []).append(f"spikingjelly: {type(e).__name__}: {e}")
+    try:
+        import snntorch
+
+        class SnnTorchLeaky(torch.nn.Module):
+            """snnTorch's Leaky stepped over T (beta = 1 - 1/tau = 0.5), its usual loop."""
+
+            def __init__(self):
+                super().__init__()
+                self.lif = snntorch.Leaky(beta=0.5, threshold=1.0, reset_mechanism="zero")
+
+            def forward(self, x):
+                mem = self.lif.init_leaky()
+                out = []
+                for t in range(x.shape[0]):
+                    s, mem = self.lif(x[t], mem)
+                    out.append(s)
+                return torch.stack(out)
+
+        candidates["snnTorch Leaky"] = SnnTorchLeaky()
+    except Exception as e:
+        results.setdefault("lif_skipped", []).append(f"snntorch: {type(e).__name__}: {e}")
+    candidates = {k: m.to(device) for k, m in candidates.items()}
+
+    def step(m):
+        def run():
+            x = x0.detach().requires_grad_()
+            if hasattr(m, "reset"):
+                m.reset()
+            s = m(x)
+            s.sum().backward()
+        return run
+
+    for m in candidates.values():                                   # warm-up, compile
+        for _ in range(2):
+            step(m)()
+    samples = {k: [] for k in candidates}
+    for _ in range(cfg["lif_reps"]):
+        for k, m in candidates.items():
+            samples[k].append(timeit(step(m), device))
+    base = samples["ours eager"]
+    rows, out = [], {}
+    for k in candidates:
+        med = statistics.median(samples[k])
+        rel = statistics.median(b / a for a, b in zip(samples[k], base))
+        rows.append([k, round(med * 1e3, 2), f"{rel:.2f}x"])
+        out[k] = {"median_ms": med * 1e3, "speed_vs_ours_eager": rel}
+    results["lif"] = {"shape": list(shape), "device": str(device), "results": out}
+    table(f"LIF forward+backward on {list(shape)} ({device.type}; median of {cfg['lif_reps']} "
+          f"interleaved reps)", ["implementation", "ms", "speed vs ours eager"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Accuracy at matched budgets
+# ---------------------------------------------------------------------------------------------
+
+def bench_accuracy(cfg, results):
+    out = {}
+    for spec in data_sets(cfg, cfg["acc_train"], cfg["acc_test"]):
+        name, ds, stats, epochs = spec["name"], spec["data"], spec["stats"], spec["epochs"]
+        common = {"epochs": epochs, "batch_size": spec["batch_size"], "no_augment": not spec["augment"]}
+        runs = []
+        for seed in range(cfg["seeds"]):
+            runs.append(("full", 0.0, seed, train_once(cfg, ds, stats, method="full", seed=seed, **common)))
+            for r in cfg["acc_ratios"]:
+                for method in METHODS:
+                    flags = {"method": "sadp", "replacement": True} if method == "sadp-iid" else {"method": method}
+                    runs.append((method, r, seed, train_once(cfg, ds, stats, ratio=r, seed=seed,
+                                                             **flags, **common)))
+            print(f"  [{name}] seed {seed} done", file=sys.stderr, flush=True)
+        rows, summary = [], []
+        keys = [("full", 0.0)] + [(m, r) for r in cfg["acc_ratios"] for m in METHODS]
+        for method, r in keys:
+            sel = [s for m, rr, _, s in runs if m == method and rr == r]
+            final = [s["final_test_acc"] * 100 for s in sel]
+            best = [s["best_test_acc"] * 100 for s in sel]
+            frac = statistics.mean(s["pass_fraction"] for s in sel)
+            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            rows.append([method, r, f"{statistics.mean(final):.2f} ± {sd(final):.2f}",
+                         f"{statistics.mean(best):.2f} ± {sd(best):.2f}", round(frac, 3)])
+            summary.append({"method": method, "ratio": r, "final": final, "best": best, "pass_fraction": frac})
+        out[name] = {"epochs": epochs, "train_size": len(ds.y_train), "rows": summary}
+        table(f"Accuracy at matched budgets, {name} ({len(ds.y_train)} train / {len(ds.y_test)} test "
+              f"examples, convnet, T={cfg['T']}, batch {spec['batch_size']}, {epochs} epochs, "
+              f"{cfg['seeds']} seeds; mean ± sd, %)",
+              ["method", "ratio", "final test acc", "best test acc", "example-passes / full"], rows)
+    results["accuracy"] = out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (optional: matplotlib)
+# ---------------------------------------------------------------------------------------------
+
+def plot(results, directory):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(directory, exist_ok=True)
+    for name, acc in results.get("accuracy", {}).items():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        full = next(r for r in acc["rows"] if r["method"] == "full")
+        ax.axhline(statistics.mean(full["final"]), color="k", ls="--", label="full data")
+        for method in METHODS:
+            rows = [r for r in acc["rows"] if r["method"] == method]
+            ax.errorbar([r["ratio"] for r in rows], [statistics.mean(r["final"]) for r in rows],
+                        yerr=[statistics.stdev(r["final"]) if len(r["final"]) > 1 else 0 for r in rows],
+                        marker="o", capsize=3, label=method)
+        ax.set_xlabel("pruning ratio r")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(f"{name}: accuracy vs pruning ratio")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, f"accuracy_{name}.png"), dpi=120)
+        plt.close(fig)
+    for name, snaps in results.get("variance", {}).items():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for sname in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
+            ax.plot([s["epoch"] for s in snaps], [s["scores"][sname]["eps=0.1"] for s in snaps],
+                    marker="o", label=sname)
+        ax.axhline(1.0, color="k", ls=":", label="uniform")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch of training")
+        ax.set_ylabel("estimator variance / uniform")
+        ax.set_title(f"{name}: gradient variance (eps = 0.1)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, f"variance_{name}.png"), dpi=120)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def config(quick: bool, device: str, compile_: bool) -> dict:
+    gpu = device.startswith("cuda")
+    return {
+        "device": device, "compile": compile_, "amp": gpu, "T": 4, "batch_size": 128, "lr": 0.1,
+        "epochs": 2 if quick else 3,
+        "speed_train": 3000 if quick else 6000, "speed_ratios": [0.3] if quick else [0.3, 0.5, 0.7],
+        "speed_reps": 3 if quick else 5,
+        "overhead_models": ["convnet"] + (["resnet19"] if gpu else []), "overhead_reps": 10 if quick else 30,
+        "big_batch": 128,
+        "var_train": 3000 if quick else 8000, "var_pool": 128 if quick else 384,
+        "var_epochs": [1, 3] if quick else [1, 3, 10], "var_epochs_digits": [1, 4] if quick else [1, 5, 30],
+        "var_ratio": 0.3, "var_mc": 100 if quick else 400,
+        "lif_shape": (4, 16, 128, 16, 16) if quick else (4, 32, 128, 32, 32), "lif_reps": 5 if quick else 15,
+        "acc_train": 2000 if quick else 4000, "acc_test": 1000 if quick else 2000,
+        "epochs_acc": 3 if quick else 10, "epochs_digits": 6 if quick else 30,
+        "acc_ratios": [0.3] if quick else [0.3, 0.5, 0.7], "seeds": 1 if quick else 3,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 CPU cores")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-compile", action="store_true", help="eager LIF everywhere")
+    p.add_argument("--out", default=None, help="write all results as JSON here")
+    p.add_argument("--plot", default=None, help="with matplotlib: draw figures into this directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="override a config entry, e.g. --set seeds=5 --set 'acc_ratios=[0.5]'")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    cfg = config(args.quick, args.device, not args.no_compile)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            p.error(f"--set: unknown config key {key!r}; keys: {', '.join(sorted(cfg))}")
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            p.error(f"--set {key}: {value!r} is not JSON (strings need quotes, lists brackets)")
+    results = {"machine": machine(), "config": cfg, "command": " ".join(["python", "bench.py"] + (argv or sys.argv[1:])),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(f"# bench.py on {results['machine']['cpu']} ({results['machine']['cores']} cores, "
+          f"{results['machine']['threads']} torch threads), GPU: {results['machine']['gpu']}, "
+          f"torch {torch.__version__}, {results['date']}")
+    t0 = time.perf_counter()
+    for section in SECTIONS:
+        if section in only:
+            globals()[f"bench_{section}"](cfg, results)
+            print(f"  ({section}: {time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
+    if args.out:
+        train.atomic_write_bytes(args.out, json.dumps(results, indent=1, default=str).encode())
+    if args.plot:
+        try:
+            plot(results, args.plot)
+        except ImportError:
+            print("--plot needs matplotlib (pip install matplotlib); no figures drawn", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
