@@ -426,9 +426,13 @@ def bench_lif(cfg, results):
     candidates = {"ours eager": models.LIF(compile=False), "ours compiled": models.LIF(compile=True)}
     try:
         from spikingjelly.activation_based import neuron as sj_neuron
-        candidates["SpikingJelly LIFNode (torch)"] = sj_neuron.LIFNode(
-            tau=2.0, step_mode="m", backend="torch", surrogate_function=__import__(
-                "spikingjelly.activation_based.surrogate", fromlist=["ATan"]).ATan())
+        from spikingjelly.activation_based import surrogate as sj_surrogate
+        kw = dict(tau=2.0, step_mode="m", surrogate_function=sj_surrogate.ATan())
+        try:
+            node = sj_neuron.LIFNode(backend="torch", **kw)     # SpikingJelly 0.0.0.0.x
+        except TypeError:
+            node = sj_neuron.LIFNode(**kw)                      # 2.x: no backend argument
+        candidates["SpikingJelly LIFNode"] = node
     except Exception as e:                                            # optional
         results.setdefault("lif_skipped", []).append(f"spikingjelly: {type(e).__name__}: {e}")
     try:
@@ -477,9 +481,17 @@ def bench_lif(cfg, results):
         rel = statistics.median(b / a for a, b in zip(samples[k], base))
         rows.append([k, round(med * 1e3, 2), f"{rel:.2f}x"])
         out[k] = {"median_ms": med * 1e3, "speed_vs_ours_eager": rel}
-    results["lif"] = {"shape": list(shape), "device": str(device), "results": out}
+    versions = {}
+    for pkg in ("spikingjelly", "snntorch"):
+        try:
+            from importlib.metadata import version
+            versions[pkg] = version(pkg)
+        except Exception:
+            pass
+    results["lif"] = {"shape": list(shape), "device": str(device), "results": out, "versions": versions}
     table(f"LIF forward+backward on {list(shape)} ({device.type}; median of {cfg['lif_reps']} "
-          f"interleaved reps)", ["implementation", "ms", "speed vs ours eager"], rows)
+          f"interleaved reps; {', '.join(f'{k} {v}' for k, v in versions.items()) or 'no other SNN library installed'})",
+          ["implementation", "ms", "speed vs ours eager"], rows)
 
 
 # ---------------------------------------------------------------------------------------------

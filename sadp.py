@@ -227,7 +227,7 @@ def baseline_loss(outputs: Tensor, targets: Tensor, weights: Tensor | None = Non
 # ---------------------------------------------------------------------------------------------
 
 class SADPSampler(torch.utils.data.Sampler[int]):
-    """Draws each epoch's examples i.i.d. from p and re-weights them by 1 / (N p).
+    """Draws each epoch's examples from p and re-weights them by 1 / (N p).
 
     At `set_epoch` the probabilities are frozen from the score table S:
 
@@ -242,23 +242,35 @@ class SADPSampler(torch.utils.data.Sampler[int]):
     bounds every weight by 1/eps. `update` records the scores of the examples just trained on;
     they take effect at the next `set_epoch`, so p and the weights stay fixed within an epoch.
 
+    replacement=False draws m *distinct* examples instead, example i with probability
+    pi_i = m p_i (systematic sampling; where m p_i would exceed 1 the example is taken for sure
+    and p is rescaled, see `_capped`). The weight is still 1 / (N p_i) with that p, and each
+    position of the epoch is still an unbiased draw: E[w g] = sum_i (pi_i / m) g_i / (N p_i)
+    = (1/N) sum_i g_i. What changes is coverage: at r = 0.3 an i.i.d. draw reaches only
+    1 - e^(-0.7) = 50% of the examples, a draw without replacement 70%, and the variance of the
+    epoch's summed gradient falls to about r times its i.i.d. value (the finite-population
+    correction; bench.py measures it).
+
     ratio = 0 is plain full-data training: a random permutation, all weights 1.
 
     Under torch.distributed (or with rank/world_size given), every rank draws the same sample
     from the same generator and keeps every world_size-th index from its rank on. The draw is
-    padded with extra i.i.d. draws to a multiple of world_size, so all ranks run the same
-    number of steps; extra i.i.d. draws keep the estimate unbiased (dropping or repeating
-    examples would not, for the repeat). `update` gathers every rank's scores, so all ranks hold
+    padded with extra i.i.d. draws from p to a multiple of world_size, so all ranks run the
+    same number of steps and every position stays an unbiased draw (repeating examples to pad
+    would not be). `update` gathers every rank's scores, so all ranks hold
     the same table and freeze the same p.
 
     Args:
         num_examples: N, the size of the training set.
         ratio: r in [0, 1), the fraction of example-passes saved per epoch.
         seed: with the epoch, seeds the draw; same seed, same draws.
-        epsilon: the uniform mix eps in (0, 1]. 1 gives uniform sampling with replacement.
+        epsilon: the uniform mix eps in (0, 1]. 1 gives uniform sampling (with replacement, or
+            a plain random subset with replacement=False).
         initial_score: the score of an example not yet trained on: "mean" (the mean of the
             scores seen so far: neutral, neither favoured nor starved), "max" (optimistic:
             unseen examples are drawn early), or a positive number.
+        replacement: True (default): m i.i.d. draws, as the method is derived. False: m
+            distinct examples with inclusion probabilities m p (lower variance per epoch).
         rank, world_size: this process's place in a distributed run; default from
             torch.distributed when it is initialised, else a single process.
     """
