@@ -378,7 +378,15 @@ class SpikingResNet19(SpikingNet):
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class SpikingVGG(SpikingNet):
+class _PooledHead(SpikingNet):
+    """stem -> features (conv/pool/LIF layers) -> spatial mean -> classifier, on [T, B, ...]."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(self.encode(x, self.stem))   # [T, B, C, h, w] spikes
+        return self.classifier(x.mean(dim=(-2, -1)))    # [T, B, num_classes]
+
+
+class SpikingVGG(_PooledHead):
     """Spiking VGG: conv-BN-LIF layers and 2x2 max pools, then global average pool + classifier.
 
     cfg lists conv widths and "M" for max pools (default VGG-11). Max pooling of spikes is a
@@ -409,12 +417,9 @@ class SpikingVGG(SpikingNet):
         self.classifier = nn.Linear(c_in, num_classes)
         self.init_weights()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(self.encode(x, self.stem))   # [T, B, C, h, w] spikes
-        return self.classifier(x.mean(dim=(-2, -1)))    # [T, B, num_classes]
 
 
-class ConvNet(SpikingNet):
+class ConvNet(_PooledHead):
     """A small spiking ConvNet for tests and CPU smoke runs (about 25k parameters).
 
     Three conv-BN-LIF layers (16, 32, 64 channels by default), 2x2 max pools after the first
@@ -439,9 +444,6 @@ class ConvNet(SpikingNet):
         self.classifier = nn.Linear(c_in, num_classes)
         self.init_weights()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(self.encode(x, self.stem))   # [T, B, C, h, w] spikes
-        return self.classifier(x.mean(dim=(-2, -1)))    # [T, B, num_classes]
 
 
 # ---------------------------------------------------------------------------------------------

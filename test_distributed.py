@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import train
 from sadp import SADPSampler
+from test_train import assert_same_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -99,7 +101,6 @@ def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path
     assert out.count("example-passes") == 1                # only rank 0 prints the summary
     with open(tmp_path / "ddp" / "results.json") as f:
         ddp = json.load(f)
-    import train
     single = train.run(train.parse_args(flags + ["--out", str(tmp_path / "one"), "--quiet"]))
     assert ddp["world_size"] == 2
     assert ddp["example_passes"] == single["example_passes"] == 3 * 1400
@@ -111,10 +112,4 @@ def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path
     assert code == 0, out
     code, out = _torchrun(flags + ["--out", str(tmp_path / "split"), "--resume"], timeout=300)
     assert code == 0, out
-    a = train.load_checkpoint(str(tmp_path / "ddp"), "cpu")
-    b = train.load_checkpoint(str(tmp_path / "split"), "cpu")
-    assert a["epoch"] == b["epoch"] == 2
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
-    for key in ("scores", "seen", "probabilities", "draw"):
-        assert torch.equal(a["sampler"][key], b["sampler"][key]), key
+    assert_same_checkpoint(tmp_path / "ddp", tmp_path / "split", epoch=2)

@@ -13,6 +13,18 @@ SMALL = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-c
          "--quiet"]
 
 
+def assert_same_checkpoint(dir_a, dir_b, epoch: int) -> dict:
+    """The last checkpoints of two runs: same epoch, same weights, bit-identical sampler state."""
+    a = train.load_checkpoint(str(dir_a), "cpu")
+    b = train.load_checkpoint(str(dir_b), "cpu")
+    assert a["epoch"] == b["epoch"] == epoch
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    for key in ("scores", "seen", "probabilities", "draw"):
+        assert torch.equal(a["sampler"][key], b["sampler"][key]), key
+    return a
+
+
 def run(tmp_path, *extra, name="run"):
     args = train.parse_args(SMALL + ["--out", str(tmp_path / name), *extra])
     return train.run(args)
@@ -78,13 +90,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     resumed = run(tmp_path, *flags, "--resume", name="killed")
 
-    a = train.load_checkpoint(str(tmp_path / "straight"), "cpu")
-    b = train.load_checkpoint(str(tmp_path / "killed"), "cpu")
-    assert a["epoch"] == b["epoch"] == 2
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
-    for key in ("scores", "seen", "probabilities", "draw"):
-        assert torch.equal(a["sampler"][key], b["sampler"][key]), key
+    a = assert_same_checkpoint(tmp_path / "straight", tmp_path / "killed", epoch=2)
     assert resumed["example_passes"] == a["example_passes"]
     assert [r["examples"] for r in resumed["history"]] == [r["examples"] for r in a["history"]]
 
