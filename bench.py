@@ -14,6 +14,8 @@ Sections (each prints a markdown table; all of them go to --out as JSON):
   lif       LIF forward+backward: eager vs compiled, and SpikingJelly / snnTorch when installed
   accuracy  full, uniform, infobatch, ann, sadp at r in {0.3, 0.5, 0.7}, several seeds, on the
             synthetic data set and on scikit-learn's digits (when scikit-learn is installed)
+  throughput  (GPU; skipped on a CPU unless --set throughput=true) images/s of a CIFAR-shaped
+            training run of ResNet-19, T=4, bf16: compiled vs eager LIF, full vs sadp at r = 0.3
 
 Nothing here asserts: the benchmark reports. Timings are ratios measured in one process,
 interleaved, because these machines are shared and noisy; absolute times are only meaningful
@@ -40,7 +42,7 @@ import models
 import train
 from sadp import SADPSampler, baseline_loss, head_gradient_bound, head_gradient_norm, spike_aware_loss
 
-SECTIONS = ("speedup", "overhead", "variance", "lif", "accuracy")
+SECTIONS = ("speedup", "overhead", "variance", "lif", "accuracy", "throughput")
 # The accuracy section's methods at each ratio: train.py's, plus sadp drawn i.i.d. (with
 # replacement, as METHOD.md derives it) next to train.py's default without replacement.
 METHODS = ("uniform", "infobatch", "ann", "sadp-iid", "sadp")
@@ -149,13 +151,14 @@ def train_once(cfg, dataset, stats, **over) -> dict:
 def bench_speedup(cfg, results):
     ds = datasets.make_synthetic(cfg["speed_train"], 500, seed=0)
     ratios = cfg["speed_ratios"]
-    train_once(cfg, ds, None, method="full", epochs=1)           # warm-up: compile, caches
+    model = cfg["speed_model"]
+    train_once(cfg, ds, None, method="full", epochs=1, model=model)   # warm-up: compile, caches
     per_ratio = {r: [] for r in ratios}
     times = {r: [] for r in ratios}
     for rep in range(cfg["speed_reps"]):
         for r in ratios:                                          # A/B interleaved
-            full = train_once(cfg, ds, None, method="full", seed=rep)
-            sadp = train_once(cfg, ds, None, method="sadp", ratio=r, seed=rep)
+            full = train_once(cfg, ds, None, method="full", seed=rep, model=model)
+            sadp = train_once(cfg, ds, None, method="sadp", ratio=r, seed=rep, model=model)
             per_ratio[r].append(full["train_seconds"] / sadp["train_seconds"])
             times[r].append((full["train_seconds"], sadp["train_seconds"]))
     rows, out = [], []
@@ -167,8 +170,8 @@ def bench_speedup(cfg, results):
         out.append({"ratio": r, "measured_speedup": measured, "theoretical": theory,
                     "fraction_of_theoretical": measured / theory, "all_ratios": per_ratio[r],
                     "seconds_full_sadp": times[r]})
-    results["speedup"] = {"runs": out, "config": {k: cfg[k] for k in ("speed_train", "epochs", "T", "batch_size")}}
-    table(f"Speedup of sadp over full data (synthetic, {cfg['speed_train']} examples, convnet, "
+    results["speedup"] = {"runs": out, "config": {k: cfg[k] for k in ("speed_train", "speed_model", "epochs", "T", "batch_size")}}
+    table(f"Speedup of sadp over full data (synthetic, {cfg['speed_train']} examples, {cfg['speed_model']}, "
           f"T={cfg['T']}, {cfg['epochs']} epochs, median of {cfg['speed_reps']} interleaved pairs)",
           ["ratio r", "measured speedup", "1/(1-r)", "measured / theoretical", "range"], rows)
 
@@ -532,6 +535,50 @@ def bench_accuracy(cfg, results):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. Training throughput (GPU)
+# ---------------------------------------------------------------------------------------------
+
+def bench_throughput(cfg, results):
+    """Images/s of whole training epochs on CIFAR-shaped data: compiled vs eager, full vs sadp.
+
+    Each run trains 2 epochs and is timed on the second, so compilation and warm-up stay out of
+    the figure. Runs are interleaved over the 4 variants; the table gives the median images/s
+    (example-passes per second of training, evaluation excluded) and each variant's ratio to
+    eager full-data training, taken pairwise within a repetition.
+    """
+    if not cfg["throughput"]:
+        print("\n(throughput: skipped, it measures the GPU path; --set throughput=true forces it)")
+        return
+    ds = datasets.make_synthetic(cfg["tp_train"], 500, seed=0)
+    variants = [(c, m) for c in (False, True) for m in ("full", "sadp")]
+    ips = {v: [] for v in variants}
+    for rep in range(cfg["tp_reps"]):
+        for compiled, method in variants:
+            run_cfg = dict(cfg, compile=compiled)
+            over = {"ratio": 0.3} if method == "sadp" else {}
+            r = train_once(run_cfg, ds, None, method=method, model=cfg["tp_model"], epochs=2,
+                           seed=rep, **over)
+            last = r["history"][-1]
+            ips[(compiled, method)].append(last["examples"] / last["seconds"])
+    base = ips[(False, "full")]
+    rows, out = [], []
+    for compiled, method in variants:
+        v = ips[(compiled, method)]
+        rel = statistics.median(a / b for a, b in zip(v, base))
+        name = f"{'compiled' if compiled else 'eager'}, {method}" + (" r=0.3" if method == "sadp" else "")
+        rows.append([name, round(statistics.median(v), 1), f"{rel:.2f}x"])
+        out.append({"compiled": compiled, "method": method, "images_per_s": v, "vs_eager_full": rel})
+    # sadp trains on 70% of the examples per epoch: its epoch time, not its images/s, is what
+    # pruning shortens; equal images/s means the score and the sampler cost nothing.
+    results["throughput"] = {"model": cfg["tp_model"], "device": cfg["device"], "amp": cfg["amp"],
+                             "train_size": cfg["tp_train"], "runs": out}
+    table(f"Training throughput, {cfg['tp_model']} T={cfg['T']} on CIFAR-shaped synthetic data "
+          f"({cfg['device']}{', bf16 autocast' if cfg['amp'] else ''}, batch {cfg['batch_size']}, "
+          f"second epoch of 2, median of {cfg['tp_reps']} interleaved reps)",
+          ["run", "images/s", "vs eager full"], rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots (optional: matplotlib)
 # ---------------------------------------------------------------------------------------------
 
@@ -580,7 +627,7 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "device": device, "compile": compile_, "amp": gpu, "T": 4, "batch_size": 128, "lr": 0.1,
         "epochs": 2 if quick else 3,
         "speed_train": 3000 if quick else 6000, "speed_ratios": [0.3] if quick else [0.3, 0.5, 0.7],
-        "speed_reps": 3 if quick else 5,
+        "speed_reps": 3 if quick else 5, "speed_model": "resnet19" if gpu else "convnet",
         "overhead_models": ["convnet"] + (["resnet19"] if gpu else []), "overhead_reps": 10 if quick else 30,
         "big_batch": 128,
         "var_train": 3000 if quick else 8000, "var_pool": 128 if quick else 384,
@@ -590,6 +637,8 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "acc_train": 2000 if quick else 4000, "acc_test": 1000 if quick else 2000,
         "epochs_acc": 3 if quick else 10, "epochs_digits": 6 if quick else 30,
         "acc_ratios": [0.3] if quick else [0.3, 0.5, 0.7], "seeds": 1 if quick else 3,
+        "throughput": gpu, "tp_model": "resnet19" if gpu else "convnet",
+        "tp_train": 2000 if quick else 10000, "tp_reps": 2 if quick else 3,
     }
 
 
