@@ -587,6 +587,16 @@ def plot(results, directory):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(directory, exist_ok=True)
+
+    def save(fig, ax, xlabel, ylabel, title, filename):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, filename), dpi=120)
+        plt.close(fig)
+
     for name, acc in results.get("accuracy", {}).items():
         fig, ax = plt.subplots(figsize=(5, 3.5))
         full = next(r for r in acc["rows"] if r["method"] == "full")
@@ -596,13 +606,8 @@ def plot(results, directory):
             ax.errorbar([r["ratio"] for r in rows], [statistics.mean(r["final"]) for r in rows],
                         yerr=[statistics.stdev(r["final"]) if len(r["final"]) > 1 else 0 for r in rows],
                         marker="o", capsize=3, label=method)
-        ax.set_xlabel("pruning ratio r")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_title(f"{name}: accuracy vs pruning ratio")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, f"accuracy_{name}.png"), dpi=120)
-        plt.close(fig)
+        save(fig, ax, "pruning ratio r", "final test accuracy (%)",
+             f"{name}: accuracy vs pruning ratio", f"accuracy_{name}.png")
     for name, snaps in results.get("variance", {}).items():
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for sname in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
@@ -610,13 +615,8 @@ def plot(results, directory):
                     marker="o", label=sname)
         ax.axhline(1.0, color="k", ls=":", label="uniform")
         ax.set_yscale("log")
-        ax.set_xlabel("epoch of training")
-        ax.set_ylabel("estimator variance / uniform")
-        ax.set_title(f"{name}: gradient variance (eps = 0.1)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, f"variance_{name}.png"), dpi=120)
-        plt.close(fig)
+        save(fig, ax, "epoch of training", "estimator variance / uniform",
+             f"{name}: gradient variance (eps = 0.1)", f"variance_{name}.png")
 
 
 # ---------------------------------------------------------------------------------------------
