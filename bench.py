@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import data as datasets
 import models
 import train
-from sadp import SADPSampler, baseline_loss, head_gradient_bound, head_gradient_norm, spike_aware_loss
+from baselines import baseline_loss
+from sadp import HeadTap, SADPSampler, head_gradient_bound, head_gradient_norm, spike_aware_loss
 
 SECTIONS = ("speedup", "overhead", "variance", "lif", "accuracy", "throughput")
 # The accuracy section's methods at each ratio: train.py's, plus sadp drawn i.i.d. (with
@@ -285,10 +286,11 @@ def per_example_grads(model, x, y):
     return torch.stack(rows)
 
 
-def estimator_variance(G: torch.Tensor, p: torch.Tensor) -> float:
-    """m * Var of the re-weighted estimator: sum_i ||g_i||^2 / (N^2 p_i) - ||mean g||^2."""
+def estimator_variance(G: torch.Tensor, p: torch.Tensor, m: int = 1) -> float:
+    """Closed form: trace of Cov of (1/m) sum_j w_{i_j} g_{i_j}, i_j ~ p i.i.d., w = 1/(N p):
+    (sum_i ||g_i||^2 / (N^2 p_i) - ||mean g||^2) / m. Rows of G are per-example gradients."""
     N = G.shape[0]
-    return float((G.square().sum(1) / (N * N * p)).sum() - G.mean(0).square().sum())
+    return float((G.square().sum(1) / (N * N * p)).sum() - G.mean(0).square().sum()) / m
 
 
 def sampled_variance(G, scores, ratio, eps, replacement, epochs) -> float:

@@ -1,42 +1,69 @@
 """Spike-aware data pruning (SADP) for spiking neural networks, in one file.
 
-Each epoch trains on a weighted sample of the data instead of all of it. Example i is drawn
+Each epoch trains on a weighted sample of the data instead of all of it: example i is drawn
 with probability p_i proportional to a cheap upper bound S_i on the norm of its gradient, and
-its loss is multiplied by w_i = 1 / (N p_i), so that every minibatch gradient is an unbiased
-estimate of the full-data gradient. At pruning ratio r an epoch costs (1 - r) of a full one.
+its loss is multiplied by w_i = 1 / (N p_i). At pruning ratio r an epoch costs (1 - r) of a
+full one.
 
 Method: "Efficient Training of Spiking Neural Networks by Spike-aware Data Pruning", Ma, Chen,
 Wu, Tan, Wu, arXiv 2510.04098 (2025). The paper released no code; the derivation below is
 this project's own, written from the principles the paper states (p_i proportional to the
 gradient norm, an efficient upper bound that accounts for all-or-nothing spikes).
 
-Notation (time-first layout, as in SpikingJelly's multi-step mode):
-    T timesteps, B examples in a batch, C classes, N examples in the training set.
-    The classifier head is affine: o_t = W h_t + b, with h_t in R^D the head's input at step t
-    (binary spikes, or spatially averaged spikes) and o_t in R^C the step's logits.
-    q is the target distribution (one-hot, or label-smoothed).
+Notation (time-first layout, as in SpikingJelly's multi-step mode): T timesteps, B examples in
+a batch, C classes, N training examples. The classifier head is affine, o_t = W h_t + b, with
+h_t in R^D its input at step t (binary spikes, or spatially averaged spikes); q is the target
+distribution (one-hot, or label-smoothed).
     rate readout (default):        l = CE(z, q),            z = (1/T) sum_t o_t
     per-timestep readout (TET):    l = (1/T) sum_t CE(o_t, q)
 
-The score. With g_t = dl/do_t and h^_t = [h_t; 1], the gradient of l w.r.t. the head's weight
-and bias together is G = sum_t g_t h^_t^T. By the triangle inequality and ||u v^T|| = ||u|| ||v||,
+1. Unbiased by construction. At the start of an epoch freeze
+       p_i = (1 - eps) S_i / sum_j S_j + eps / N                  (eps in (0, 1])
+   draw m = round((1 - r) N) examples from p, and train on L = (1/B) sum_b w_b l_b. Then
+       E[w_i grad l_i] = sum_i p_i grad l_i / (N p_i) = (1/N) sum_i grad l_i,
+   the full-data gradient, whatever the scores are. eps keeps every p_i > 0 and every weight
+   below 1/eps. Normalising the weights by their sum inside a batch breaks this.
 
-    ||G||_F  <=  S = sum_t ||g_t|| * sqrt(||h_t||^2 + 1)
+2. The best p. The estimator's second moment, (1/N^2) sum_i ||grad l_i||^2 / p_i, is smallest
+   under sum_i p_i = 1 (Cauchy-Schwarz) at p_i proportional to ||grad l_i||, where it equals
+   (1/N^2) (sum_i ||grad l_i||)^2. True per-example norms cost a backward pass each; S bounds
+   them with what the forward pass already has.
 
-and for binary spikes ||h_t||^2 = n_t, the number of spikes entering the head at step t.
-g_t is analytic (softmax minus target), so S costs O(T B (C + D)) on tensors the forward pass
-already holds: no extra backward pass.
+3. The spike-aware score. With g_t = dl/do_t (analytic: softmax minus q, divided by T) and
+   h^_t = [h_t; 1], the gradient w.r.t. the head's weight and bias together is
+   G = sum_t g_t h^_t^T, and by the triangle inequality and ||u v^T||_F = ||u|| ||v||,
+       ||G||_F  <=  S = sum_t ||g_t|| * sqrt(||h_t||^2 + 1).
+   For binary spikes ||h_t||^2 = n_t, the number of spikes entering the head at step t. S costs
+   O(T B (C + D)) and no extra backward pass. Its guarantees, each a property test:
+     P1  S >= ||grad_{W,b} l|| for every example, readout, label smoothing and spike pattern;
+     P2  S = ||grad_{W,b} l|| when T = 1;
+     P3  rate readout, non-negative h: S <= sqrt(T) ||grad_{W,b} l|| (the cross terms of
+         non-negative vectors are non-negative), so the bound is never loose by more than sqrt(T);
+     P4  the exact norm, ||G||_F^2 = sum_{t,t'} (g_t . g_t') (h^_t . h^_t') (`exact=True`,
+         O(T^2 (C + D))), equals per-example autograd.
 
-Integration (three lines in a training loop):
+4. With or without replacement. m i.i.d. draws (replacement=True) are the derivation above
+   as written, but at r = 0.3 they reach only 1 - e^(-0.7) = 50% of the examples. The default
+   draws m distinct examples instead, example i with probability pi_i = m p_i (systematic
+   sampling; where m p_i would exceed 1 the example is taken for sure and p is rescaled).
+   Every position of the epoch is still an unbiased draw, E[w g] = sum_i (pi_i / m) g_i /
+   (N p_i) = (1/N) sum_i g_i, and the variance of the epoch's summed gradient falls by the
+   finite-population correction and more (bench.py's variance section measures it).
 
-    sampler = SADPSampler(len(dataset), ratio=0.3)            # DataLoader(..., sampler=sampler)
-    sampler.set_epoch(epoch)                                  # once per epoch
-    loss, scores = spike_aware_loss(outputs, y, head_inputs, sampler.weights(idx))
-    loss.backward(); sampler.update(idx, scores)
+Integration (the dataset also returns each example's index; `WithIndex` wraps any dataset):
 
-`outputs` [T,B,C] and `head_inputs` [T,B,D] come from the model; `HeadTap` reads both off any
-model's classifier with a forward hook. The dataset must also return each example's index;
-`WithIndex` wraps any map-style dataset to do so.
+    sampler = SADPSampler(len(dataset), ratio=0.3)          # DataLoader(..., sampler=sampler)
+    tap = HeadTap(model.fc, T=4)                            # what enters and leaves the head
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)                            # freezes p, draws the epoch
+        seen, scores = [], []
+        for x, y, idx in loader:
+            model(x)
+            outputs, head_inputs = tap.pop()                # [T, B, C], [T, B, D]
+            loss, s = spike_aware_loss(outputs, y, head_inputs, sampler.weights(idx))
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+            seen.append(idx); scores.append(s)
+        sampler.update(torch.cat(seen), torch.cat(scores))  # once per epoch: one host sync
 
 Only torch and the Python standard library are used, so this file can be copied as it is.
 """
@@ -52,73 +79,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "spike_aware_loss",
-    "baseline_loss",
+    "per_example_loss",
+    "weighted_mean",
     "head_gradient_bound",
     "head_gradient_norm",
+    "spike_aware_loss",
     "SADPSampler",
     "HeadTap",
     "WithIndex",
+    "all_gather_cat",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-example loss and the analytic logit gradient
+# The loss and the spike-aware score
 # ---------------------------------------------------------------------------------------------
 
-def _check_inputs(outputs: Tensor, targets: Tensor, head_inputs: Tensor | None,
-                  weights: Tensor | None, label_smoothing: float) -> None:
-    """Shape, dtype and range checks, with errors that name the offending argument."""
-    if not isinstance(outputs, Tensor) or outputs.dim() != 3:
-        raise ValueError(
-            f"outputs must be the head's per-timestep logits shaped [T, B, C]; got "
-            f"{_shape(outputs)}. If your model returns [B, C], add a time axis with "
-            f"outputs.unsqueeze(0) (T = 1); if it returns [T*B, C], reshape to [T, B, C].")
-    if not outputs.is_floating_point():
-        raise ValueError(f"outputs must be floating point logits; got dtype {outputs.dtype}.")
-    T, B, C = outputs.shape
-    if T < 1 or B < 1 or C < 2:
-        raise ValueError(f"outputs shaped [T, B, C] = {list(outputs.shape)} needs T >= 1, B >= 1, C >= 2.")
-    if not isinstance(targets, Tensor) or targets.shape != (B,):
-        raise ValueError(
-            f"targets must be class indices shaped [B] = [{B}] to match outputs "
-            f"{list(outputs.shape)}; got {_shape(targets)}.")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(
-            f"targets must be integer class indices (torch.long); got dtype {targets.dtype}. "
-            f"Convert with targets.long() if they are whole numbers.")
-    # One host-device sync on GPU; the alternative is a device-side assert that kills the
-    # CUDA context, or a silently wrong loss.
-    if bool(((targets < 0) | (targets >= C)).any()):
-        lo, hi = int(targets.min()), int(targets.max())
-        raise ValueError(f"targets must lie in [0, C) = [0, {C}); got values in [{lo}, {hi}].")
-    if head_inputs is not None:
-        if not isinstance(head_inputs, Tensor) or head_inputs.dim() < 3 \
-                or tuple(head_inputs.shape[:2]) != (T, B):
-            raise ValueError(
-                f"head_inputs must be what entered the classifier, shaped [T, B, ...] = "
-                f"[{T}, {B}, ...] to match outputs {list(outputs.shape)}; got {_shape(head_inputs)}. "
-                f"A merged [T*B, D] tensor must be reshaped to [T, B, D] (HeadTap does this).")
-    if weights is not None:
-        if not isinstance(weights, Tensor) or weights.shape != (B,):
-            raise ValueError(
-                f"weights must be one importance weight per example, shaped [B] = [{B}]; "
-                f"got {_shape(weights)}.")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}.")
-
-
-def _shape(x) -> str:
-    return f"shape {list(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
-
-
-def _per_example(outputs: Tensor, targets: Tensor, per_timestep: bool,
-                 label_smoothing: float) -> tuple[Tensor, Tensor]:
+def per_example_loss(outputs: Tensor, targets: Tensor, *, per_timestep: bool = False,
+                     label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per-example loss l [B] (differentiable) and g_t = dl/do_t [T, B, C] (detached).
 
-    At least float32, also when the logits come from bf16/fp16 autocast: the softmax and the
-    score are then as accurate as in a float32 run (float64 inputs stay float64).
+    outputs: [T, B, C] per-timestep logits; targets: [B] class indices. At least float32, also
+    when the logits come from bf16/fp16 autocast (float64 inputs stay float64).
     """
+    _check_outputs_and_targets(outputs, targets, label_smoothing)
     o = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
     T, B, C = o.shape
     # q = (1 - alpha) onehot + alpha / C: the same smoothing as torch's cross_entropy.
@@ -135,16 +119,13 @@ def _per_example(outputs: Tensor, targets: Tensor, per_timestep: bool,
     return ell, g
 
 
-def _weighted_mean(ell: Tensor, weights: Tensor | None) -> Tensor:
+def weighted_mean(ell: Tensor, weights: Tensor | None) -> Tensor:
     """L = (1/B) sum_b w_b l_b. Dividing by sum(w) instead would bias the gradient: never do it."""
     if weights is None:
         return ell.mean()
+    _check_weights(weights, ell.shape[0])
     return (weights.to(ell) * ell).mean()
 
-
-# ---------------------------------------------------------------------------------------------
-# The spike-aware score
-# ---------------------------------------------------------------------------------------------
 
 def head_gradient_bound(g: Tensor, head_inputs: Tensor) -> Tensor:
     """S = sum_t ||g_t|| * sqrt(||h_t||^2 + 1)  >=  ||dl/d(W, b)||_F, per example.
@@ -152,8 +133,6 @@ def head_gradient_bound(g: Tensor, head_inputs: Tensor) -> Tensor:
     g: [T, B, C] logit gradients; head_inputs: [T, B, ...] (trailing dims are flattened).
     For binary spikes ||h_t||^2 is the spike count n_t, which is why the score is cheap and
     spike-aware: an example whose head sees many spikes has a larger weight gradient.
-    Properties: S dominates the true norm (triangle inequality), equals it when T = 1, and for
-    the rate readout with non-negative h it is at most sqrt(T) times the true norm.
     """
     h = head_inputs.detach().flatten(2).to(g.dtype)
     h_sq = h.square().sum(-1)                                # ||h_t||^2 = n_t for 0/1 spikes
@@ -194,111 +173,52 @@ def spike_aware_loss(outputs: Tensor, targets: Tensor, head_inputs: Tensor,
         scores: [B] float32, detached: the bound S_b on ||dl_b/d(W, b)|| of the *unweighted*
             loss l_b (the sampler's p must not depend on the weights it produced).
     """
-    _check_inputs(outputs, targets, head_inputs, weights, label_smoothing)
-    ell, g = _per_example(outputs, targets, per_timestep, label_smoothing)
+    ell, g = per_example_loss(outputs, targets, per_timestep=per_timestep,
+                              label_smoothing=label_smoothing)
+    _check_head_inputs(head_inputs, outputs)
+    loss = weighted_mean(ell, weights)
     with torch.no_grad():
         scores = head_gradient_norm(g, head_inputs) if exact else head_gradient_bound(g, head_inputs)
-    return _weighted_mean(ell, weights), scores.float()
-
-
-def baseline_loss(outputs: Tensor, targets: Tensor, weights: Tensor | None = None, *,
-                  kind: str, per_timestep: bool = False,
-                  label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-    """The same loss as `spike_aware_loss`, scored by a spike-blind baseline instead.
-
-    kind="ann":  ||dl/dz||, the logit-gradient bound of Katharopoulos & Fleuret (ICML 2018),
-                 as written for ANNs: blind to how many spikes reach the head. Computed as
-                 sqrt(T sum_t ||g_t||^2), which is exactly ||softmax(z) - q|| for the rate
-                 readout and the RMS over t of ||softmax(o_t) - q|| per timestep.
-    kind="loss": the unweighted loss l itself (the score InfoBatch, ICLR 2024, prunes by).
-    """
-    if kind not in ("ann", "loss"):
-        raise ValueError(f"kind must be 'ann' or 'loss'; got {kind!r}.")
-    _check_inputs(outputs, targets, None, weights, label_smoothing)
-    ell, g = _per_example(outputs, targets, per_timestep, label_smoothing)
-    T = g.shape[0]
-    with torch.no_grad():
-        scores = (T * g.square().sum((0, 2))).sqrt() if kind == "ann" else ell.detach()
-    return _weighted_mean(ell, weights), scores.float()
+    return loss, scores.float()
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling with re-weighting
+# The sampler: p frozen per epoch, m draws, weights 1 / (N p)
 # ---------------------------------------------------------------------------------------------
 
 class SADPSampler(torch.utils.data.Sampler[int]):
-    """Draws each epoch's examples from p and re-weights them by 1 / (N p).
+    """Draws each epoch's examples from p and re-weights them by w_i = 1 / (N p_i).
 
-    At `set_epoch` the probabilities are frozen from the score table S:
-
-        p_i = (1 - eps) S_i / sum_j S_j + eps / N
-
-    and m = round((1 - ratio) N) indices are drawn with replacement from a generator seeded by
-    (seed, epoch). Example i then carries the weight w_i = 1 / (N p_i), so for any draw
-
-        E[w_i grad l_i] = sum_i p_i grad l_i / (N p_i) = (1/N) sum_i grad l_i,
-
-    the full-data gradient. The uniform mix eps keeps every p_i > 0 (nothing is starved) and
-    bounds every weight by 1/eps. `update` records the scores of the examples just trained on;
-    they take effect at the next `set_epoch`, so p and the weights stay fixed within an epoch.
-
-    replacement=False draws m *distinct* examples instead, example i with probability
-    pi_i = m p_i (systematic sampling; where m p_i would exceed 1 the example is taken for sure
-    and p is rescaled, see `_capped`). The weight is still 1 / (N p_i) with that p, and each
-    position of the epoch is still an unbiased draw: E[w g] = sum_i (pi_i / m) g_i / (N p_i)
-    = (1/N) sum_i g_i. What changes is coverage: at r = 0.3 an i.i.d. draw reaches only
-    1 - e^(-0.7) = 50% of the examples, a draw without replacement 70%, and the variance of the
-    epoch's summed gradient falls to about r times its i.i.d. value (the finite-population
-    correction; bench.py measures it).
-
-    ratio = 0 is plain full-data training: a random permutation, all weights 1.
-
-    Under torch.distributed (or with rank/world_size given), every rank draws the same sample
-    from the same generator and keeps every world_size-th index from its rank on. The draw is
-    padded with extra i.i.d. draws from p to a multiple of world_size, so all ranks run the
-    same number of steps and every position stays an unbiased draw (repeating examples to pad
-    would not be). `update` gathers every rank's scores, so all ranks hold
-    the same table and freeze the same p.
+        sampler.set_epoch(epoch)       # before iterating: freezes p from the scores, draws
+        for i in sampler: ...          # this epoch's (this rank's) indices, len(sampler) of them
+        sampler.weights(idx)           # w for a batch's indices
+        sampler.update(idx, scores)    # new scores, used from the next set_epoch on
 
     Args:
         num_examples: N, the size of the training set.
-        ratio: r in [0, 1), the fraction of example-passes saved per epoch.
+        ratio: r in [0, 1), the fraction of example-passes saved per epoch. 0 is plain
+            full-data training: a random permutation, all weights 1.
         seed: with the epoch, seeds the draw; same seed, same draws.
-        epsilon: the uniform mix eps in (0, 1]. 1 gives uniform sampling (with replacement, or
-            a plain random subset with replacement=False).
-        initial_score: the score of an example not yet trained on: "mean" (the mean of the
-            scores seen so far: neutral, neither favoured nor starved), "max" (optimistic:
-            unseen examples are drawn early), or a positive number.
-        replacement: True (default): m i.i.d. draws, as the method is derived. False: m
-            distinct examples with inclusion probabilities m p (lower variance per epoch).
-        rank, world_size: this process's place in a distributed run; default from
-            torch.distributed when it is initialised, else a single process.
+        epsilon: the uniform share eps of p, in (0, 1]; every weight is at most 1/eps.
+        initial_score: the score of an example not trained on yet: "mean" of those seen
+            (neutral), "max" (unseen examples are drawn early), or a positive number.
+        replacement: False (default): m distinct examples, inclusion probabilities m p.
+            True: m i.i.d. draws from p.
+        rank, world_size: this process's place in a distributed run (default: from
+            torch.distributed when initialised, else one process). Every rank draws the same
+            sample and keeps every world_size-th index; the draw is padded with extra i.i.d.
+            draws from p to a multiple of world_size, so every position stays unbiased.
+            `update` is then a collective that gathers every rank's scores.
     """
 
     def __init__(self, num_examples: int, ratio: float, *, seed: int = 0,
                  epsilon: float = 0.1, initial_score: float | str = "mean",
-                 replacement: bool = True,
+                 replacement: bool = False,
                  rank: int | None = None, world_size: int | None = None):
-        if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
-            raise ValueError(f"num_examples must be a positive int (the training-set size); got {num_examples!r}.")
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-            raise ValueError(
-                f"ratio must lie in [0, 1): the fraction of example-passes saved "
-                f"(0 = full data, 0.3 = train on 70% per epoch); got {ratio!r}.")
-        if not 0.0 < epsilon <= 1.0:
-            raise ValueError(f"epsilon must lie in (0, 1] (the uniform share of p); got {epsilon!r}.")
-        if isinstance(initial_score, str):
-            if initial_score not in ("mean", "max"):
-                raise ValueError(f"initial_score must be 'mean', 'max' or a positive number; got {initial_score!r}.")
-        elif not (math.isfinite(initial_score) and initial_score > 0):
-            raise ValueError(f"initial_score must be 'mean', 'max' or a positive number; got {initial_score!r}.")
+        _check_sampler_settings(num_examples, ratio, epsilon, initial_score)
         self.num_examples = num_examples
         self.ratio = float(ratio)
         self.num_draws = round((1.0 - self.ratio) * num_examples)   # m
-        if self.num_draws < 1:
-            raise ValueError(
-                f"ratio {ratio} leaves no example of {num_examples} to train on per epoch; "
-                f"lower the ratio.")
         self.seed = int(seed)
         self.epsilon = float(epsilon)
         self.initial_score = initial_score
@@ -309,8 +229,6 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         self.epoch = None                 # the epoch whose draw is frozen below
         self.probabilities = None         # p, float64 [N], sums to 1
         self._draw = None                 # this epoch's indices, all ranks [m_padded]
-
-    # -- the epoch's distribution and draw -------------------------------------------------
 
     def _filled_scores(self) -> Tensor:
         """S with unseen examples given the initial score."""
@@ -330,9 +248,8 @@ class SADPSampler(torch.utils.data.Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Freeze this epoch's p from the score table and draw its indices."""
-        N = self.num_examples
+        N, m = self.num_examples, self.num_draws
         gen = torch.Generator().manual_seed(_seed_for(self.seed, epoch))
-        m = self.num_draws
         m_padded = -(-m // self.world_size) * self.world_size
         if self.ratio == 0.0:
             p = torch.full((N,), 1.0 / N, dtype=torch.float64)
@@ -350,19 +267,14 @@ class SADPSampler(torch.utils.data.Sampler[int]):
                 p = _capped(p, m)
                 draw = _draw_systematic(p * m, gen)
             # Padding for world_size: extra i.i.d. draws from p, drawn after the m draws so that
-            # the union of the ranks' shares starts with exactly the single-process draw. Every
-            # position of the epoch is then an unbiased draw, so every minibatch stays unbiased.
+            # the union of the ranks' shares starts with exactly the single-process draw.
             draw = torch.cat([draw, _draw_iid(p, m_padded - m, gen)])
         self.epoch = int(epoch)
         self.probabilities = p
         self._draw = draw
 
-    def _ensure_epoch(self) -> None:
-        if self.epoch is None:
-            self.set_epoch(0)
-
     def __iter__(self) -> Iterator[int]:
-        self._ensure_epoch()
+        _check_epoch_set(self)
         return iter(self._draw[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
@@ -370,7 +282,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
 
     def weights(self, indices: Tensor | Sequence[int]) -> Tensor:
         """w_i = 1 / (N p_i) under this epoch's frozen p (float32, on the indices' device)."""
-        self._ensure_epoch()
+        _check_epoch_set(self)
         idx = torch.as_tensor(indices)
         w = 1.0 / (self.num_examples * self.probabilities[idx.cpu().long()])
         if self.ratio == 0.0:
@@ -380,52 +292,38 @@ class SADPSampler(torch.utils.data.Sampler[int]):
     def update(self, indices: Tensor | Sequence[int], scores: Tensor | Sequence[float]) -> None:
         """Record new scores for the examples trained on (used from the next `set_epoch`).
 
+        Buffer a whole epoch and call it once: one host-device sync instead of one per step.
         Under torch.distributed this is a collective: every rank must call it, and every rank
-        then records every rank's scores. Buffer a whole epoch and call it once to avoid
-        a host-device sync per step.
+        then records every rank's scores.
         """
         idx = torch.as_tensor(indices).detach().reshape(-1).cpu().long()
         s = torch.as_tensor(scores, dtype=torch.float64).detach().reshape(-1).cpu()
         if idx.shape != s.shape:
             raise ValueError(f"update needs one score per index; got {idx.numel()} indices and {s.numel()} scores.")
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            idx, s = _all_gather_cat(idx), _all_gather_cat(s)
+            idx, s = all_gather_cat(idx), all_gather_cat(s)
         if idx.numel() == 0:
             return
-        if ((idx < 0) | (idx >= self.num_examples)).any():
-            raise ValueError(f"update got indices outside [0, {self.num_examples}): "
-                             f"[{int(idx.min())}, {int(idx.max())}].")
-        bad = ~torch.isfinite(s) | (s < 0)
-        if bad.any():
-            raise ValueError(
-                f"update got {int(bad.sum())} non-finite or negative scores (first: {s[bad][0].item()} "
-                f"for example {int(idx[bad][0])}); the score table is unchanged. A NaN score means "
-                f"the forward pass diverged: lower the learning rate or check the inputs.")
+        _check_update(idx, s, self.num_examples)
         self.scores[idx] = s
         self.seen[idx] = True
 
-    # -- exact resume ----------------------------------------------------------------------
+    # -- exact resume: the score table and the frozen epoch ------------------------------------
+
+    _SETTINGS = ("num_examples", "ratio", "seed", "epsilon", "replacement")
 
     def state_dict(self) -> dict:
-        return {"num_examples": self.num_examples, "ratio": self.ratio, "seed": self.seed,
-                "epsilon": self.epsilon, "replacement": self.replacement, "scores": self.scores.clone(), "seen": self.seen.clone(),
-                "epoch": self.epoch,
-                "probabilities": None if self.probabilities is None else self.probabilities.clone(),
-                "draw": None if self._draw is None else self._draw.clone()}
+        clone = lambda t: None if t is None else t.clone()
+        return {**{k: getattr(self, k) for k in self._SETTINGS},
+                "scores": self.scores.clone(), "seen": self.seen.clone(), "epoch": self.epoch,
+                "probabilities": clone(self.probabilities), "draw": clone(self._draw)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("num_examples", "ratio", "seed", "epsilon", "replacement"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"sampler state has {key}={state[key]!r} but this sampler has "
-                    f"{getattr(self, key)!r}; resume with the same settings.")
-        if state["draw"] is not None and state["draw"].numel() != -(-self.num_draws // self.world_size) * self.world_size:
-            raise ValueError("sampler state was saved with another world size; resume with the same one.")
-        self.scores = state["scores"].clone().double()
-        self.seen = state["seen"].clone().bool()
+        _check_same_sampler(self, state)
+        clone = lambda t: None if t is None else t.clone()
+        self.scores, self.seen = state["scores"].clone().double(), state["seen"].clone().bool()
         self.epoch = state["epoch"]
-        self.probabilities = None if state["probabilities"] is None else state["probabilities"].clone()
-        self._draw = None if state["draw"] is None else state["draw"].clone()
+        self.probabilities, self._draw = clone(state["probabilities"]), clone(state["draw"])
 
 
 def _draw_iid(p: Tensor, k: int, gen: torch.Generator) -> Tensor:
@@ -472,36 +370,8 @@ def _seed_for(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _dist_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    initialised = dist.is_available() and dist.is_initialized()
-    if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}.")
-    return rank, world_size
-
-
-def _all_gather_cat(x: Tensor) -> Tensor:
-    """Concatenate a 1-D tensor of any length from every rank (on every rank)."""
-    dist = torch.distributed
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
-    x = x.to(device)
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.numel()], device=device))
-    longest = max(int(n) for n in sizes)
-    padded = torch.zeros(longest, dtype=x.dtype, device=device)
-    padded[: x.numel()] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]).cpu()
-
-
 # ---------------------------------------------------------------------------------------------
-# Reading outputs and head inputs off any model
+# Adapters: reading outputs and head inputs off any model, indices from any dataset
 # ---------------------------------------------------------------------------------------------
 
 class HeadTap:
@@ -568,3 +438,132 @@ class WithIndex(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.dataset[i]
         return (*item, i) if isinstance(item, tuple) else (item, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: input checks with errors that say what to do, torch.distributed, resume checks
+# ---------------------------------------------------------------------------------------------
+
+def _shape(x) -> str:
+    return f"shape {list(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+
+
+def _check_outputs_and_targets(outputs: Tensor, targets: Tensor, label_smoothing: float) -> None:
+    if not isinstance(outputs, Tensor) or outputs.dim() != 3:
+        raise ValueError(
+            f"outputs must be the head's per-timestep logits shaped [T, B, C]; got "
+            f"{_shape(outputs)}. If your model returns [B, C], add a time axis with "
+            f"outputs.unsqueeze(0) (T = 1); if it returns [T*B, C], reshape to [T, B, C].")
+    if not outputs.is_floating_point():
+        raise ValueError(f"outputs must be floating point logits; got dtype {outputs.dtype}.")
+    T, B, C = outputs.shape
+    if T < 1 or B < 1 or C < 2:
+        raise ValueError(f"outputs shaped [T, B, C] = {list(outputs.shape)} needs T >= 1, B >= 1, C >= 2.")
+    if not isinstance(targets, Tensor) or targets.shape != (B,):
+        raise ValueError(
+            f"targets must be class indices shaped [B] = [{B}] to match outputs "
+            f"{list(outputs.shape)}; got {_shape(targets)}.")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(
+            f"targets must be integer class indices (torch.long); got dtype {targets.dtype}. "
+            f"Convert with targets.long() if they are whole numbers.")
+    # One host-device sync on GPU; the alternative is a device-side assert that kills the
+    # CUDA context, or a silently wrong loss.
+    if bool(((targets < 0) | (targets >= C)).any()):
+        lo, hi = int(targets.min()), int(targets.max())
+        raise ValueError(f"targets must lie in [0, C) = [0, {C}); got values in [{lo}, {hi}].")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}.")
+
+
+def _check_head_inputs(head_inputs: Tensor, outputs: Tensor) -> None:
+    T, B = outputs.shape[:2]
+    if not isinstance(head_inputs, Tensor) or head_inputs.dim() < 3 \
+            or tuple(head_inputs.shape[:2]) != (T, B):
+        raise ValueError(
+            f"head_inputs must be what entered the classifier, shaped [T, B, ...] = "
+            f"[{T}, {B}, ...] to match outputs {list(outputs.shape)}; got {_shape(head_inputs)}. "
+            f"A merged [T*B, D] tensor must be reshaped to [T, B, D] (HeadTap does this).")
+
+
+def _check_weights(weights: Tensor, B: int) -> None:
+    if not isinstance(weights, Tensor) or weights.shape != (B,):
+        raise ValueError(f"weights must be one importance weight per example, shaped [B] = [{B}]; "
+                         f"got {_shape(weights)}.")
+
+
+def _check_sampler_settings(num_examples, ratio, epsilon, initial_score) -> None:
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+        raise ValueError(f"num_examples must be a positive int (the training-set size); got {num_examples!r}.")
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(
+            f"ratio must lie in [0, 1): the fraction of example-passes saved "
+            f"(0 = full data, 0.3 = train on 70% per epoch); got {ratio!r}.")
+    if round((1.0 - ratio) * num_examples) < 1:
+        raise ValueError(f"ratio {ratio} leaves no example of {num_examples} to train on per epoch; "
+                         f"lower the ratio.")
+    if not 0.0 < epsilon <= 1.0:
+        raise ValueError(f"epsilon must lie in (0, 1] (the uniform share of p); got {epsilon!r}.")
+    numeric = not isinstance(initial_score, str) and math.isfinite(initial_score) and initial_score > 0
+    if initial_score not in ("mean", "max") and not numeric:
+        raise ValueError(f"initial_score must be 'mean', 'max' or a positive number; got {initial_score!r}.")
+
+
+def _check_epoch_set(sampler: SADPSampler) -> None:
+    if sampler.epoch is None:
+        raise RuntimeError("SADPSampler: no epoch is drawn yet; call set_epoch(epoch) first "
+                           "(once per epoch, before iterating or asking for weights).")
+
+
+def _check_update(idx: Tensor, s: Tensor, num_examples: int) -> None:
+    if ((idx < 0) | (idx >= num_examples)).any():
+        raise ValueError(f"update got indices outside [0, {num_examples}): "
+                         f"[{int(idx.min())}, {int(idx.max())}].")
+    bad = ~torch.isfinite(s) | (s < 0)
+    if bad.any():
+        raise ValueError(
+            f"update got {int(bad.sum())} non-finite or negative scores (first: {s[bad][0].item()} "
+            f"for example {int(idx[bad][0])}); the score table is unchanged. A NaN score means "
+            f"the forward pass diverged: lower the learning rate or check the inputs.")
+
+
+def _check_same_sampler(sampler: SADPSampler, state: dict) -> None:
+    for key in sampler._SETTINGS:
+        if state[key] != getattr(sampler, key):
+            raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
+                             f"{getattr(sampler, key)!r}; resume with the same settings.")
+    padded = -(-sampler.num_draws // sampler.world_size) * sampler.world_size
+    if state["draw"] is not None and state["draw"].numel() != padded:
+        raise ValueError("sampler state was saved with another world size; resume with the same one.")
+
+
+def _dist_place(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}.")
+    return rank, world_size
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Every rank's 1-D tensor (any length, any dtype) concatenated in rank order, on every rank.
+
+    A collective: every rank must call it. Runs on the GPU under NCCL, else on the CPU;
+    returns a CPU tensor.
+    """
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = x.to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.numel()], device=device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=x.dtype, device=device)
+    padded[: x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]).cpu()

@@ -1,5 +1,6 @@
-"""Property tests for sadp.py: the score's guarantees (P1-P4 of METHOD.md), the sampler's
-unbiasedness and variance, and every error path. Each test names the bug it catches."""
+"""Property tests for sadp.py and baselines.py: the score's guarantees (P1-P4 of sadp.py's
+docstring), the sampler's unbiasedness and variance, and every error path. Each test names the
+bug it catches."""
 
 import math
 
@@ -8,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from sadp import (SADPSampler, HeadTap, WithIndex, baseline_loss, head_gradient_bound,
-                  head_gradient_norm, spike_aware_loss)
+from baselines import baseline_loss
+from bench import estimator_variance
+from sadp import SADPSampler, HeadTap, WithIndex, spike_aware_loss
 
 PROPERTY = settings(max_examples=60, deadline=None)
 
@@ -144,7 +146,7 @@ def test_loss_matches_torch_cross_entropy_and_weights(case, smoothing, wseed):
         loss1, _ = spike_aware_loss(outputs, y, h, per_timestep=per_timestep, label_smoothing=smoothing)
         torch.testing.assert_close(loss1, ell.mean(), rtol=1e-5, atol=1e-6)
         for kind in ("ann", "loss"):
-            lossb, _ = baseline_loss(outputs, y, w, kind=kind, per_timestep=per_timestep,
+            lossb, _ = baseline_loss(outputs, y, h, w, kind=kind, per_timestep=per_timestep,
                                      label_smoothing=smoothing)
             torch.testing.assert_close(lossb, loss)
 
@@ -199,7 +201,7 @@ def test_draw_frequencies_match_probabilities():
     fixed seed. The same counts are checked against two wrong p's (no uniform mix; uniform),
     which must fail: the test has the power to catch a sampler that draws from the wrong p."""
     N, epochs = 20, 1500
-    s = SADPSampler(N, ratio=0.5, seed=7, epsilon=0.2)
+    s = SADPSampler(N, ratio=0.5, seed=7, epsilon=0.2, replacement=True)
     S = torch.linspace(0.1, 3.0, N)
     s.update(torch.arange(N), S)
     counts = torch.zeros(N, dtype=torch.float64)
@@ -307,13 +309,6 @@ def test_weighted_gradient_is_unbiased_for_the_full_data_gradient(per_timestep, 
 # Variance: the reason for the method
 # ---------------------------------------------------------------------------------------------
 
-def estimator_variance(grads, p, m):
-    """Closed form: trace of Cov of (1/m) sum_j w_{i_j} g_{i_j}, i_j ~ p i.i.d."""
-    N = grads.shape[0]
-    mean = grads.mean(0)
-    return float((grads.square().sum(1) / (N * N * p)).sum() - mean.square().sum()) / m
-
-
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from([0.5, 1.0, 2.0]))
 def test_importance_sampling_by_true_norm_beats_uniform(seed, spread):
@@ -327,9 +322,9 @@ def test_importance_sampling_by_true_norm_beats_uniform(seed, spread):
     grads = torch.randn(N, P, generator=g, dtype=torch.float64) \
         * torch.exp(spread * torch.randn(N, 1, generator=g, dtype=torch.float64))
     norms = grads.norm(dim=1)
-    is_ = SADPSampler(N, ratio, seed=seed, epsilon=1e-3)
+    is_ = SADPSampler(N, ratio, seed=seed, epsilon=1e-3, replacement=True)
     is_.update(torch.arange(N), norms)
-    uni = SADPSampler(N, ratio, seed=seed, epsilon=1.0)
+    uni = SADPSampler(N, ratio, seed=seed, epsilon=1.0, replacement=True)
     is_.set_epoch(0)
     uni.set_epoch(0)
     m = len(is_)
@@ -390,7 +385,10 @@ def test_same_seed_same_draws_other_seed_or_epoch_other_draws():
     assert draws(0, 1) == draws(0, 1)
     assert draws(0, 1) != draws(1, 1)
     assert draws(0, 1) != draws(0, 2)
-    assert list(iter(SADPSampler(10, 0.2))) == list(iter(SADPSampler(10, 0.2)))   # epoch 0 by default
+    with pytest.raises(RuntimeError, match=r"call set_epoch\(epoch\) first"):
+        list(SADPSampler(10, 0.2))                  # no silent epoch 0: the draw must be asked for
+    with pytest.raises(RuntimeError, match=r"call set_epoch\(epoch\) first"):
+        SADPSampler(10, 0.2).weights([0])
 
 
 def test_iterating_twice_gives_the_frozen_draw_and_updates_wait_for_next_epoch():
@@ -440,7 +438,7 @@ def test_probabilities_are_positive_finite_and_sum_to_one(scores, epsilon, initi
     """Zeros, 1e-300 and 1e300 scores, unseen examples: p stays a valid distribution and every
     weight is at most 1/eps. Catches: overflow in the sum, a zero score starving an example."""
     N = len(scores)
-    s = SADPSampler(N, 0.0 if N == 1 else 0.5, epsilon=epsilon, initial_score=initial)
+    s = SADPSampler(N, 0.0 if N == 1 else 0.5, epsilon=epsilon, initial_score=initial, replacement=True)
     seen = torch.arange(0, N, 1 + skip)
     s.update(seen, torch.tensor(scores, dtype=torch.float64)[seen])
     s.set_epoch(0)
@@ -452,22 +450,22 @@ def test_probabilities_are_positive_finite_and_sum_to_one(scores, epsilon, initi
 
 def test_probabilities_follow_the_formula_at_the_edges_of_float64():
     """Scores near the largest double: the sum would overflow without rescaling."""
-    s = SADPSampler(3, 0.5, epsilon=0.3)
+    s = SADPSampler(3, 0.5, epsilon=0.3, replacement=True)
     s.update([0, 1, 2], [1e308, 1e308, 0.0])
     s.set_epoch(0)
     torch.testing.assert_close(s.probabilities, torch.tensor([0.35 + 0.1, 0.35 + 0.1, 0.1], dtype=torch.float64))
 
 
 def test_unseen_examples_get_the_initial_score():
-    s = SADPSampler(4, 0.5, epsilon=1e-9, initial_score="mean")
+    s = SADPSampler(4, 0.5, epsilon=1e-9, initial_score="mean", replacement=True)
     s.update([0, 1], [1.0, 3.0])
     s.set_epoch(0)
     torch.testing.assert_close(s.probabilities, torch.tensor([1, 3, 2, 2], dtype=torch.float64) / 8)
-    s = SADPSampler(4, 0.5, epsilon=1e-9, initial_score="max")
+    s = SADPSampler(4, 0.5, epsilon=1e-9, initial_score="max", replacement=True)
     s.update([0, 1], [1.0, 3.0])
     s.set_epoch(0)
     torch.testing.assert_close(s.probabilities, torch.tensor([1, 3, 3, 3], dtype=torch.float64) / 10)
-    s = SADPSampler(4, 0.5, epsilon=1e-9, initial_score=6.0)
+    s = SADPSampler(4, 0.5, epsilon=1e-9, initial_score=6.0, replacement=True)
     s.update([0, 1], [1.0, 3.0])
     s.set_epoch(0)
     torch.testing.assert_close(s.probabilities, torch.tensor([1, 3, 6, 6], dtype=torch.float64) / 16)

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 import data as datasets
 import models
-from sadp import HeadTap, SADPSampler, baseline_loss, spike_aware_loss
-from sadp import _all_gather_cat  # the sampler's own gather, reused by the InfoBatch baseline
+from baselines import InfoBatchSampler, baseline_loss
+from sadp import HeadTap, SADPSampler, spike_aware_loss
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 
@@ -150,60 +150,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.join("runs", f"{args.data}-{args.model}-{args.method}-r{args.ratio:g}-s{args.seed}")
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# The InfoBatch baseline, with the interface of SADPSampler (set_epoch, iter, weights, update, state)
-# ---------------------------------------------------------------------------------------------
-
-class InfoBatchSampler:
-    """InfoBatch (Qin et al., ICLR 2024), as its paper describes it: examples whose last loss is
-    below the mean are "well learned"; each of them is pruned with probability r, and the kept
-    ones have their loss scaled by 1/(1 - r). The last 12.5% of epochs train on all the data.
-    Scores start equal, so the first epoch is full data as well."""
-
-    def __init__(self, num_examples, ratio, epochs, *, seed=0, rank=0, world_size=1, delta=0.875):
-        self.num_examples, self.ratio, self.seed = num_examples, ratio, seed
-        self.rank, self.world_size = rank, world_size
-        self.full_from = math.ceil(delta * epochs)
-        self.scores = torch.ones(num_examples, dtype=torch.float64)
-        self._weights = torch.ones(num_examples)
-
-    def __iter__(self):
-        return iter(self._order.tolist())
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def set_epoch(self, epoch):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_examples, generator=gen)
-        self._weights = torch.ones(self.num_examples)
-        if epoch < self.full_from:
-            well_learned = self.scores < self.scores.mean()
-            pruned = well_learned & (torch.rand(self.num_examples, generator=gen) < self.ratio)
-            self._weights[well_learned & ~pruned] = 1.0 / (1.0 - self.ratio)
-            order = order[~pruned[order]]
-        # Every rank computes the same order and keeps every world_size-th entry, wrapping
-        # around to a multiple of world_size so that all ranks run the same number of steps.
-        k = self.world_size
-        order = torch.cat([order, order[: (-len(order)) % k]])
-        self._order = order[self.rank::k]
-
-    def weights(self, indices):
-        return self._weights[torch.as_tensor(indices).cpu()]
-
-    def update(self, indices, scores):
-        indices, scores = torch.as_tensor(indices).cpu(), torch.as_tensor(scores).cpu().double()
-        if self.world_size > 1 and dist.is_initialized():
-            indices, scores = _all_gather_cat(indices), _all_gather_cat(scores)
-        self.scores[indices] = scores
-
-    def state_dict(self):
-        return {"scores": self.scores.clone()}
-
-    def load_state_dict(self, state):
-        self.scores = state["scores"].clone()
 
 
 def make_sampler(args, num_examples, rank, world_size):
@@ -435,7 +381,7 @@ def run(args, dataset: datasets.Dataset | None = None, stats=None) -> dict:
                                                 label_smoothing=args.label_smoothing, exact=args.exact_score)
             else:
                 kind = "ann" if args.method == "ann" else "loss"
-                loss, scores = baseline_loss(outputs, yb, w, kind=kind, per_timestep=args.per_timestep,
+                loss, scores = baseline_loss(outputs, yb, None, w, kind=kind, per_timestep=args.per_timestep,
                                              label_smoothing=args.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
