@@ -1,6 +1,7 @@
-"""pytest settings shared by every test file."""
+"""pytest settings and helpers shared by the test files."""
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -11,3 +12,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 # Two cores: torch's default of one thread per core plus pytest's own work oversubscribes.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def assert_same_checkpoint():
+    """check(dir_a, dir_b, epoch): the last checkpoints of two train.py runs have the same epoch,
+    the same weights and a bit-identical sampler state; returns the first checkpoint."""
+    import train
+
+    def check(dir_a, dir_b, epoch: int) -> dict:
+        a = train.load_checkpoint(str(dir_a), "cpu")
+        b = train.load_checkpoint(str(dir_b), "cpu")
+        assert a["epoch"] == b["epoch"] == epoch
+        for key in a["model"]:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+        for key in ("scores", "seen", "probabilities", "draw"):
+            assert torch.equal(a["sampler"][key], b["sampler"][key]), key
+        return a
+    return check

@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 
 import train
 from sadp import SADPSampler
-from test_train import assert_same_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,7 +91,7 @@ def _torchrun(args, timeout):
     return proc.returncode, out
 
 
-def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path):
+def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path, assert_same_checkpoint):
     flags = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-compile",
              "--train-size", "2000", "--test-size", "500", "--batch-size", "32", "--T", "2",
              "--epochs", "3", "--lr", "0.1", "--ratio", "0.3"]

@@ -13,18 +13,6 @@ SMALL = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-c
          "--quiet"]
 
 
-def assert_same_checkpoint(dir_a, dir_b, epoch: int) -> dict:
-    """The last checkpoints of two runs: same epoch, same weights, bit-identical sampler state."""
-    a = train.load_checkpoint(str(dir_a), "cpu")
-    b = train.load_checkpoint(str(dir_b), "cpu")
-    assert a["epoch"] == b["epoch"] == epoch
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
-    for key in ("scores", "seen", "probabilities", "draw"):
-        assert torch.equal(a["sampler"][key], b["sampler"][key]), key
-    return a
-
-
 def run(tmp_path, *extra, name="run"):
     args = train.parse_args(SMALL + ["--out", str(tmp_path / name), *extra])
     return train.run(args)
@@ -71,7 +59,7 @@ def test_baselines_run_with_their_budgets(tmp_path, method):
         assert all(r["examples"] == 500 for r in s["history"])
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, assert_same_checkpoint):
     """Stop after epoch 2 of 3 (the process dies right after the checkpoint), resume, and
     compare with an uninterrupted run: the same sampler state and the same weights."""
     flags = ["--epochs", "3", "--method", "sadp"]

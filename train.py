@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,15 +31,17 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-import data as datasets
+import baselines
+import data
 import models
-from baselines import InfoBatchSampler, baseline_loss
-from sadp import HeadTap, SADPSampler, spike_aware_loss
+from baselines import baseline_loss
+from sadp import HeadTap, SADPSampler, all_gather_cat, spike_aware_loss
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 
@@ -49,7 +53,7 @@ METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=datasets.DATASETS, default="cifar10",
+    p.add_argument("--data", choices=data.DATASETS, default="cifar10",
                    help="data set (default cifar10; synthetic needs no download)")
     p.add_argument("--data-dir", default="data", help="where data sets are cached (default ./data)")
     p.add_argument("--train-size", type=int, default=None,
@@ -152,15 +156,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_sampler(args, num_examples, rank, world_size):
-    if args.method in ("sadp", "ann", "full"):
-        return SADPSampler(num_examples, args.ratio, seed=args.seed, epsilon=args.epsilon,
-                           initial_score=args.initial_score, replacement=args.replacement,
-                           rank=rank, world_size=world_size)
-    if args.method == "uniform":   # SADP with eps = 1 and no replacement: a plain random subset
-        return SADPSampler(num_examples, args.ratio, seed=args.seed, epsilon=1.0, replacement=False,
-                           rank=rank, world_size=world_size)
-    return InfoBatchSampler(num_examples, args.ratio, args.epochs, seed=args.seed, rank=rank, world_size=world_size)
+# ---------------------------------------------------------------------------------------------
+# The method, picked once: a sampler and a loss-and-score function
+# ---------------------------------------------------------------------------------------------
+
+class Method(NamedTuple):
+    """What --method decides. `sampler` (set_epoch, iter, weights, update, state_dict) picks each
+    epoch's examples and their weights; `loss(outputs, targets, head_inputs, weights)` returns
+    the minibatch loss and every example's score for the sampler's next epoch."""
+    sampler: object
+    loss: Callable
+
+
+def make_method(args, num_examples: int, rank: int, world_size: int) -> Method:
+    place = dict(seed=args.seed, rank=rank, world_size=world_size)
+    readout = dict(per_timestep=args.per_timestep, label_smoothing=args.label_smoothing)
+    if args.method == "uniform":
+        sampler = baselines.uniform_sampler(num_examples, args.ratio, **place)
+    elif args.method == "infobatch":
+        sampler = baselines.InfoBatchSampler(num_examples, args.ratio, args.epochs, **place)
+    else:   # sadp; ann (the same sampler, a spike-blind score); full (ratio 0: all, weight 1)
+        sampler = SADPSampler(num_examples, args.ratio, epsilon=args.epsilon, replacement=args.replacement,
+                              initial_score=args.initial_score, **place)
+    if args.method == "sadp":
+        loss = functools.partial(spike_aware_loss, exact=args.exact_score, **readout)
+    else:   # the loss score is what infobatch prunes by; full and uniform ignore scores
+        loss = functools.partial(baseline_loss, kind="ann" if args.method == "ann" else "loss", **readout)
+    return Method(sampler, loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +209,6 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
 def save_checkpoint(out: str, state: dict) -> None:
     """checkpoint-e<epoch>.pt, then the manifest that names it and its SHA-256. A run killed at
     any moment leaves the previous manifest and the checkpoint it names intact."""
-    import io
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
@@ -227,7 +248,6 @@ def load_checkpoint(out: str, map_location) -> dict:
         raise RunError(f"--resume: {path} has SHA-256 {digest} but the manifest expects "
                        f"{manifest['sha256']}: the file is corrupt. Nothing was loaded; delete "
                        f"{out} to start over.")
-    import io
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
 
 
@@ -240,7 +260,7 @@ class Diverged(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training: set up, one epoch, evaluate, save/restore, summarise
 # ---------------------------------------------------------------------------------------------
 
 def setup_distributed(args):
@@ -265,204 +285,217 @@ def setup_distributed(args):
     return dist.get_rank(), world_size, device
 
 
+def load_data(args, rank: int, world_size: int) -> data.ArrayDataset:
+    """Rank 0 downloads and verifies first; the others then read the verified files.
+    (If rank 0 fails, the others pass the barrier, fail the same way and exit too.)"""
+    if rank != 0:
+        dist.barrier()
+    try:
+        return data.load_dataset(args.data, args.data_dir, **_synthetic_sizes(args), seed=args.seed)
+    finally:
+        if rank == 0 and world_size > 1:
+            dist.barrier()
+
+
+def setup(args, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
+    """Everything a run holds: its place, the data on the device, model, optimizer, method, RNGs."""
+    rank, world_size, device = setup_distributed(args)
+    manifest = read_manifest(args.out) if os.path.isdir(args.out) else None
+    if manifest is not None and not args.resume:
+        raise RunError(f"{args.out} already holds a run (checkpoint at epoch {manifest['epoch']}); "
+                       f"pass --resume to continue it, or choose another --out.")
+    torch.manual_seed(args.seed)
+    if dataset is None:
+        dataset = load_data(args, rank, world_size)
+    model = models.build_model(args.model, dataset.num_classes, T=args.T,
+                               compile=not args.no_compile).to(device)
+    r = SimpleNamespace(
+        args=args, rank=rank, world_size=world_size, device=device, main=rank == 0,
+        x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
+        x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device),
+        norm=data.Normalizer(stats or args.data, device), model=model,
+        tap=HeadTap(model.classifier, T=args.T), train_model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                  nesterov=True, weight_decay=args.weight_decay),
+        method=make_method(args, len(dataset.x_train), rank, world_size),
+        aug_gen=torch.Generator(device=device).manual_seed(args.seed + 7919 * rank),
+        amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext,
+        local_batch=args.batch_size // world_size,
+        progress={"epoch": -1, "history": [], "example_passes": 0, "train_seconds": 0.0})
+    if world_size > 1:
+        r.train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    r.say = print if r.main and not args.quiet else (lambda *a, **k: None)
+    return r
+
+
 def cosine_lr(base_lr: float, progress: float) -> float:
     """Cosine decay from base_lr to 0 over training; progress in [0, 1]. The learning rate is
     a pure function of progress, so the schedule needs no state in the checkpoint."""
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def evaluate(model, tap, x, y, norm, batch_size, amp_ctx, rank, world_size):
+def train_epoch(r, epoch: int) -> dict:
+    """One epoch on the method's sample. Per-step numbers stay on the device: one sync at the end."""
+    args, sampler, device = r.args, r.method.sampler, r.device
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    batches = order.split(r.local_batch)
+    loss_sum, rate_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    seen_idx, seen_scores = [], []
+    _sync(device)
+    t0 = time.perf_counter()
+    for step, idx in enumerate(batches):
+        for group in r.optimizer.param_groups:
+            group["lr"] = cosine_lr(args.lr, (epoch + step / len(batches)) / args.epochs)
+        idx_dev = idx.to(device, non_blocking=True)
+        xb = r.x_train[idx_dev]
+        xb = r.norm(xb if args.no_augment else data.augment(xb, generator=r.aug_gen))
+        w = sampler.weights(idx).to(device, non_blocking=True)
+        with r.amp_ctx():
+            r.train_model(xb)
+        outputs, head_inputs = r.tap.pop()
+        loss, scores = r.method.loss(outputs, r.y_train[idx_dev], head_inputs, w)
+        r.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        r.optimizer.step()
+        loss_d = loss.detach()
+        bad_step = torch.where(torch.isfinite(loss_d) | (bad_step >= 0), bad_step, step)
+        loss_sum += loss_d * len(idx)
+        rate_sum += r.model.spike_rate().detach().float()
+        seen_idx.append(idx_dev)
+        seen_scores.append(scores)
+    if int(bad_step) >= 0:
+        raise Diverged(
+            f"the loss became NaN/inf at epoch {epoch + 1}, step {int(bad_step) + 1} of "
+            f"{len(batches)} (lr {args.lr}). The last good checkpoint (epoch {epoch}) is kept "
+            f"in {args.out}; lower --lr, or try --no-compile / without --amp to locate the cause.")
+    sampler.update(torch.cat(seen_idx), torch.cat(seen_scores))
+    if r.world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(rate_sum)
+    _sync(device)
+    examples = len(order) * r.world_size
+    return {"epoch": epoch + 1, "examples": examples, "seconds": time.perf_counter() - t0,
+            "train_loss": loss_sum.item() / examples,
+            "spike_rate": rate_sum.item() / (len(batches) * r.world_size)}
+
+
+def evaluate(r, batch_size: int = 500) -> float:
     """Test accuracy of the rate readout (argmax of the mean over t), sharded over ranks."""
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    with torch.no_grad(), amp_ctx():
-        for start in range(rank * batch_size, len(x), batch_size * world_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            model(norm(xb))
-            outputs, _ = tap.pop()
-            correct += (outputs.float().mean(0).argmax(-1) == yb).sum()
-    if world_size > 1:
+    r.model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=r.device)
+    with torch.no_grad(), r.amp_ctx():
+        for start in range(r.rank * batch_size, len(r.x_test), batch_size * r.world_size):
+            r.model(r.norm(r.x_test[start:start + batch_size]))
+            outputs, _ = r.tap.pop()
+            correct += (outputs.float().mean(0).argmax(-1) == r.y_test[start:start + batch_size]).sum()
+    if r.world_size > 1:
         dist.all_reduce(correct)
-    model.train()
-    return correct.item() / len(x)
+    r.model.train()
+    return correct.item() / len(r.x_test)
 
 
-def run(args, dataset: datasets.Dataset | None = None, stats=None) -> dict:
+def run_state(r) -> dict:
+    """What a checkpoint holds, key -> (get, set): saving and resuming both read this one table.
+    "args" comes first, so a resume with other settings fails before anything is loaded."""
+    p = r.progress   # epoch (the last one done), history, example_passes, train_seconds
+    table = {"args": (lambda: _args_dict(r.args), lambda saved: _check_same_run(r.args, saved))}
+    table.update({k: (functools.partial(p.get, k), functools.partial(p.__setitem__, k)) for k in p})
+    table.update({
+        "model": (r.model.state_dict, r.model.load_state_dict),
+        "optimizer": (r.optimizer.state_dict, r.optimizer.load_state_dict),
+        "sampler": (r.method.sampler.state_dict, r.method.sampler.load_state_dict),
+        # every rank's augmentation stream, so that a resumed DDP run continues each of them
+        "aug_rng": (lambda: _every_rank(r.aug_gen.get_state(), r.world_size),
+                    lambda states: r.aug_gen.set_state(states[r.rank])),
+        "cpu_rng": (torch.get_rng_state, torch.set_rng_state),
+    })
+    return table
+
+
+def save(r) -> None:
+    """Checkpoint the run (rank 0 writes; every rank takes part in gathering the RNG states)."""
+    state = {key: get() for key, (get, _) in run_state(r).items()}
+    if r.main:
+        save_checkpoint(r.args.out, state)
+    if r.world_size > 1:
+        dist.barrier()
+
+
+def restore(r) -> None:
+    state = load_checkpoint(r.args.out, map_location="cpu")
+    for key, (_, put) in run_state(r).items():
+        put(state[key])
+    r.say(f"resumed {r.args.out} after epoch {state['epoch'] + 1}")
+
+
+def summarise(r, wall_seconds: float) -> dict:
+    """The run's summary; rank 0 writes it to <out>/results.json and prints it."""
+    args, p = r.args, r.progress
+    history, passes, N = p["history"], p["example_passes"], len(r.x_train)
+    summary = {
+        "method": args.method, "ratio": args.ratio, "data": args.data, "model": args.model,
+        "T": args.T, "epochs": args.epochs, "seed": args.seed, "world_size": r.world_size,
+        "device": str(r.device), "torch": torch.__version__,
+        "example_passes": passes, "full_data_passes": N * len(history),
+        "pass_fraction": passes / (N * len(history)),
+        "theoretical_speedup": 1.0 / (1.0 - args.ratio),
+        "train_seconds": p["train_seconds"], "wall_seconds": wall_seconds,
+        "epochs_done": len(history),
+        "best_test_acc": max(row["test_acc"] for row in history),
+        "final_test_acc": history[-1]["test_acc"],
+        "history": history, "args": _args_dict(args),
+    }
+    if r.main:
+        atomic_write_bytes(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1).encode())
+        r.say(f"\n{args.method} r={args.ratio:g}: {passes} example-passes = "
+              f"{summary['pass_fraction']:.3f} of full data (theoretical speedup "
+              f"{summary['theoretical_speedup']:.2f}x), train time {p['train_seconds']:.1f} s, "
+              f"test accuracy best {summary['best_test_acc']:.2%} final {summary['final_test_acc']:.2%}"
+              f"\nresults: {os.path.join(args.out, 'results.json')}")
+    return summary
+
+
+def run(args, dataset: data.ArrayDataset | None = None, stats=None) -> dict:
     """Train as `args` say; return the summary (also written to args.out/results.json).
 
     dataset, stats: a data set already in memory and its normalisation (mean, std), in place
     of loading args.data (bench.py uses this for data sets that train.py does not ship).
     """
-    rank, world_size, device = setup_distributed(args)
-    main_process = rank == 0
-    say = print if main_process and not args.quiet else (lambda *a, **k: None)
-
-    manifest = read_manifest(args.out) if os.path.isdir(args.out) else None
-    if manifest is not None and not args.resume:
-        raise RunError(f"{args.out} already holds a run (checkpoint at epoch {manifest['epoch']}); "
-                       f"pass --resume to continue it, or choose another --out.")
-
-    torch.manual_seed(args.seed)
-    if dataset is None:
-        # Rank 0 downloads and verifies first; the others then read the verified cache.
-        # (If rank 0 fails, the others pass the barrier, fail the same way and exit too.)
-        if rank != 0:
-            dist.barrier()
-        try:
-            dataset = datasets.load_dataset(args.data, args.data_dir, **_synthetic_sizes(args), seed=args.seed)
-        finally:
-            if rank == 0 and world_size > 1:
-                dist.barrier()
-    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
-    x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
-    norm = datasets.Normalizer(stats or args.data, device)
-    N = len(x_train)
-
-    model = models.build_model(args.model, dataset.num_classes, T=args.T,
-                               compile=not args.no_compile).to(device)
-    tap = HeadTap(model.classifier, T=args.T)
-    train_model = model
-    if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                nesterov=True, weight_decay=args.weight_decay)
-    sampler = make_sampler(args, N, rank, world_size)
-    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
-    amp_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    local_batch = args.batch_size // world_size
-
-    start_epoch, history, passes, train_seconds = 0, [], 0, 0.0
+    r = setup(args, dataset, stats)
     if args.resume:
-        state = load_checkpoint(args.out, map_location="cpu")
-        _check_same_run(args, state["args"])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        aug_gen.set_state(state["aug_rng"][rank])
-        torch.set_rng_state(state["cpu_rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        passes, train_seconds = state["example_passes"], state["train_seconds"]
-        say(f"resumed {args.out} after epoch {state['epoch'] + 1}")
-
-    say(f"{args.method} r={args.ratio:g} on {args.data} ({N} examples), {args.model} T={args.T}, "
-        f"{world_size} process(es) on {device}")
-    say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}")
-    for row in history:
-        say(_row(row))
-
+        restore(r)
+    r.say(f"{args.method} r={args.ratio:g} on {args.data} ({len(r.x_train)} examples), {args.model} "
+          f"T={args.T}, {r.world_size} process(es) on {r.device}")
+    r.say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}")
+    for row in r.progress["history"]:
+        r.say(_row(row))
     wall_start = time.perf_counter()
     last_epoch = args.epochs if args.stop_after is None else args.stop_after
-    for epoch in range(start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long)
-        batches = order.split(local_batch)
-        # Per-step quantities stay on the device; one sync at the end of the epoch.
-        loss_sum = torch.zeros((), device=device)
-        rate_sum = torch.zeros((), device=device)
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        seen_idx, seen_scores = [], []
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for step, idx in enumerate(batches):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(args.lr, (epoch + step / len(batches)) / args.epochs)
-            idx_dev = idx.to(device, non_blocking=True)
-            xb = x_train[idx_dev]
-            xb = norm(xb if args.no_augment else datasets.augment(xb, generator=aug_gen))
-            yb = y_train[idx_dev]
-            w = sampler.weights(idx).to(device, non_blocking=True)
-            with amp_ctx():
-                train_model(xb)
-            outputs, head_inputs = tap.pop()
-            if args.method == "sadp":
-                loss, scores = spike_aware_loss(outputs, yb, head_inputs, w, per_timestep=args.per_timestep,
-                                                label_smoothing=args.label_smoothing, exact=args.exact_score)
-            else:
-                kind = "ann" if args.method == "ann" else "loss"
-                loss, scores = baseline_loss(outputs, yb, None, w, kind=kind, per_timestep=args.per_timestep,
-                                             label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_d = loss.detach()
-            bad_step = torch.where(torch.isfinite(loss_d) | (bad_step >= 0), bad_step, step)
-            loss_sum += loss_d * len(idx)
-            rate_sum += model.spike_rate().detach().float()
-            seen_idx.append(idx_dev)
-            seen_scores.append(scores)
-        if int(bad_step) >= 0:
-            raise Diverged(
-                f"the loss became NaN/inf at epoch {epoch + 1}, step {int(bad_step) + 1} of "
-                f"{len(batches)} (lr {args.lr}). The last good checkpoint (epoch {epoch}) is kept "
-                f"in {args.out}; lower --lr, or try --no-compile / without --amp to locate the cause.")
-        sampler.update(torch.cat(seen_idx), torch.cat(seen_scores))
-        epoch_passes = len(order) * world_size
-        if world_size > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(rate_sum)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        passes += epoch_passes
-        accuracy = evaluate(model, tap, x_test, y_test, norm, 500, amp_ctx, rank, world_size)
-        row = {"epoch": epoch + 1, "examples": epoch_passes, "seconds": seconds,
-               "train_loss": loss_sum.item() / epoch_passes,
-               "test_acc": accuracy, "spike_rate": rate_sum.item() / (len(batches) * world_size)}
-        history.append(row)
-        say(_row(row))
-        if main_process:
-            save_checkpoint(args.out, {
-                "epoch": epoch, "args": _args_dict(args), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-                "aug_rng": _gather_states(aug_gen.get_state(), world_size),
-                "cpu_rng": torch.get_rng_state(), "history": history,
-                "example_passes": passes, "train_seconds": train_seconds})
-        elif world_size > 1:
-            _gather_states(aug_gen.get_state(), world_size)
-        if world_size > 1:
-            dist.barrier()
-
-    summary = {
-        "method": args.method, "ratio": args.ratio, "data": args.data, "model": args.model,
-        "T": args.T, "epochs": args.epochs, "seed": args.seed, "world_size": world_size,
-        "device": str(device), "torch": torch.__version__,
-        "example_passes": passes, "full_data_passes": N * len(history),
-        "pass_fraction": passes / (N * len(history)),
-        "theoretical_speedup": 1.0 / (1.0 - args.ratio),
-        "train_seconds": train_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "epochs_done": len(history),
-        "best_test_acc": max(r["test_acc"] for r in history),
-        "final_test_acc": history[-1]["test_acc"],
-        "history": history, "args": _args_dict(args),
-    }
-    if main_process:
-        atomic_write_bytes(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1).encode())
-        if not args.quiet:
-            print(f"\n{args.method} r={args.ratio:g}: {passes} example-passes = "
-                  f"{summary['pass_fraction']:.3f} of full data (theoretical speedup "
-                  f"{summary['theoretical_speedup']:.2f}x), train time {train_seconds:.1f} s, "
-                  f"test accuracy best {summary['best_test_acc']:.2%} final {summary['final_test_acc']:.2%}"
-                  f"\nresults: {os.path.join(args.out, 'results.json')}")
-    tap.remove()
+    for epoch in range(r.progress["epoch"] + 1, last_epoch):
+        row = train_epoch(r, epoch)
+        row["test_acc"] = evaluate(r)
+        r.progress["history"].append(row)
+        r.progress.update(epoch=epoch, example_passes=r.progress["example_passes"] + row["examples"],
+                          train_seconds=r.progress["train_seconds"] + row["seconds"])
+        r.say(_row(row))
+        save(r)
+    summary = summarise(r, time.perf_counter() - wall_start)
+    r.tap.remove()
     return summary
 
 
-def _gather_states(state: torch.Tensor, world_size: int) -> list:
-    """Every rank's augmentation RNG state, so a resumed DDP run continues each rank's stream."""
-    if world_size == 1:
-        return [state]
-    parts = [torch.empty_like(state) for _ in range(world_size)]
-    if dist.get_backend() == "nccl":
-        dev = torch.device("cuda", torch.cuda.current_device())
-        tmp = [p.to(dev) for p in parts]
-        dist.all_gather(tmp, state.to(dev))
-        return [t.cpu() for t in tmp]
-    dist.all_gather(parts, state)
-    return parts
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _every_rank(state: torch.Tensor, world_size: int) -> list:
+    """[the state of rank 0, of rank 1, ...] on every rank (a collective under DDP)."""
+    # clone: a view's storage offset is lost on the way through torch.save and set_state
+    return [state] if world_size == 1 else [s.clone() for s in all_gather_cat(state).chunk(world_size)]
 
 
 def _synthetic_sizes(args) -> dict:
@@ -498,7 +531,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (RunError, datasets.DataError) as e:
+    except (RunError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
