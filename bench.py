@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import data as datasets
+import data
 import models
 import train
 from baselines import baseline_loss
@@ -103,7 +103,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def digits_dataset(seed: int = 0) -> tuple[datasets.Dataset, tuple]:
+def digits_dataset(seed: int = 0) -> tuple[data.ArrayDataset, tuple]:
     """scikit-learn's handwritten digits (1797 8x8 images, 10 classes), upscaled 2x to 16x16
     RGB uint8 (16x16), split 80/20 with a fixed permutation. Needs scikit-learn (not a requirement of
     the project; bench.py skips it when absent)."""
@@ -118,7 +118,7 @@ def digits_dataset(seed: int = 0) -> tuple[datasets.Dataset, tuple]:
     tr, te = perm[:n_train], perm[n_train:]
     mean = (x[tr].float() / 255).mean().item()
     std = (x[tr].float() / 255).std().item()
-    return datasets.Dataset(x[tr], y[tr], x[te], y[te], 10), ((mean,) * 3, (std,) * 3)
+    return data.ArrayDataset(x[tr], y[tr], x[te], y[te], 10), ((mean,) * 3, (std,) * 3)
 
 
 def bench_args(cfg: dict, out: str, **over) -> argparse.Namespace:
@@ -150,7 +150,7 @@ def train_once(cfg, dataset, stats, **over) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def bench_speedup(cfg, results):
-    ds = datasets.make_synthetic(cfg["speed_train"], 500, seed=0)
+    ds = data.make_synthetic(cfg["speed_train"], 500, seed=0)
     ratios = cfg["speed_ratios"]
     model = cfg["speed_model"]
     train_once(cfg, ds, None, method="full", epochs=1, model=model)   # warm-up: compile, caches
@@ -200,8 +200,8 @@ def bench_speedup(cfg, results):
 
 def bench_overhead(cfg, results):
     device = torch.device(cfg["device"])
-    ds = datasets.make_synthetic(cfg["batch_size"], 10, seed=0)
-    norm = datasets.Normalizer("synthetic", device)
+    ds = data.make_synthetic(cfg["batch_size"], 10, seed=0)
+    norm = data.Normalizer("synthetic", device)
     x, y = norm(ds.x_train.to(device)), ds.y_train.to(device)
     w = torch.ones(len(y), device=device)
     rows, out = [], {}
@@ -323,7 +323,7 @@ def data_sets(cfg, num_train, num_test) -> list[dict]:
 
     digits is small and 16x16: batch 32 (enough steps per epoch) and no crop/flip (a 4-pixel
     shift of a 16-pixel digit, or a mirrored digit, is another digit)."""
-    sets = [{"name": "synthetic", "data": datasets.make_synthetic(num_train, num_test, seed=0),
+    sets = [{"name": "synthetic", "data": data.make_synthetic(num_train, num_test, seed=0),
              "stats": None, "batch_size": cfg["batch_size"], "augment": True,
              "epochs": cfg["epochs_acc"], "var_epochs": cfg["var_epochs"]}]
     if _has_sklearn():
@@ -338,7 +338,7 @@ def bench_variance(cfg, results):
     out = {}
     for spec in data_sets(cfg, cfg["var_train"], 500):
         name, ds, stats, batch = spec["name"], spec["data"], spec["stats"], spec["batch_size"]
-        norm = datasets.Normalizer(stats or "synthetic")
+        norm = data.Normalizer(stats or "synthetic")
         torch.manual_seed(0)
         model = models.build_model("convnet", ds.num_classes, T=cfg["T"], compile=cfg["compile"])
         opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -357,7 +357,7 @@ def bench_variance(cfg, results):
                     for group in opt.param_groups:
                         group["lr"] = train.cosine_lr(cfg["lr"], progress)
                     xb = ds.x_train[idx]
-                    out_ = model(norm(datasets.augment(xb, generator=gen) if spec["augment"] else xb))
+                    out_ = model(norm(data.augment(xb, generator=gen) if spec["augment"] else xb))
                     loss = F.cross_entropy(out_.mean(0), ds.y_train[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -551,7 +551,7 @@ def bench_throughput(cfg, results):
     if not cfg["throughput"]:
         print("\n(throughput: skipped, it measures the GPU path; --set throughput=true forces it)")
         return
-    ds = datasets.make_synthetic(cfg["tp_train"], 500, seed=0)
+    ds = data.make_synthetic(cfg["tp_train"], 500, seed=0)
     variants = [(c, m) for c in (False, True) for m in ("full", "sadp")]
     ips = {v: [] for v in variants}
     for rep in range(cfg["tp_reps"]):

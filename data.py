@@ -1,33 +1,21 @@
 """The data sets of the SADP experiments, kept whole on the device as uint8.
 
     ds = load_dataset("cifar10", "data")          # downloads 170 MB once, MD5-checked
-    x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
-    norm = Normalizer("cifar10", device)
+    x_train, norm = ds.x_train.to(device), Normalizer("cifar10", device)
     gen = torch.Generator(device=device).manual_seed(0)
-    for xb, yb, idx in batches(x_train, y_train, order, 128):   # order: e.g. list(sampler)
-        logits = model(norm(augment(xb, generator=gen)))
+    for idx in order.split(128):                  # order: e.g. torch.tensor(list(sampler))
+        logits = model(norm(augment(x_train[idx], generator=gen)))
 
-Data sets: "cifar10" and "cifar100" (the python versions from the official site) and
-"synthetic" (generated, needs nothing; see `make_synthetic`). Images are uint8 [N, 3, 32, 32],
-labels int64 [N]. Augmentation (`augment`: zero-padded random crop + horizontal flip) works on
-whole batches with tensor ops on whichever device the batch is on; `Normalizer` then turns the
-uint8 batch into normalised float32.
-
-Safety of the CIFAR files. The official files are Python pickles, and unpickling runs code, so
-no file is unpickled unless its bytes match the official MD5 (`SOURCES`): the archive is
-checked before anything is extracted, and every batch file is checked again, from the very
-bytes that are then unpickled, before it is loaded, also when the folder was placed by hand.
-Downloads stream into a temporary file that gets the archive's name only once its MD5 matches;
-extraction goes to a temporary folder that is renamed into place when complete, so an
-interrupted run leaves nothing half-written. After the first load the decoded arrays are cached
-as `<data_dir>/<folder>.uint8.npz` (plain arrays, read with allow_pickle=False, each with a
-SHA-256 stored beside it); a damaged cache is ignored and rebuilt from the verified files.
+CIFAR-10/100 (the official python versions) and "synthetic" (`make_synthetic`): uint8 images
+[N, 3, 32, 32], int64 labels [N]. Acquisition, the second half: unpickling runs code, so no
+file is unpickled unless its bytes match the official MD5 (`SOURCES`), the archive before it
+is extracted and every batch file, from the very bytes then unpickled, on every load; labels
+are range-checked; downloads and extraction are renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -37,22 +25,15 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-__all__ = [
-    "DATASETS", "SOURCES", "STATS", "DataError", "ChecksumError", "Dataset", "Source",
-    "load_dataset", "load_cifar", "make_synthetic", "download_file", "extract_archive",
-    "augment", "augment_params", "crop_flip", "Normalizer", "normalize", "batches",
-]
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
 
@@ -65,96 +46,32 @@ class ChecksumError(DataError):
     """A file's MD5 differs from the expected one; the file was not used."""
 
 
-class Dataset(NamedTuple):
-    """A whole data set in memory: uint8 images [N, 3, 32, 32] and int64 labels [N]."""
+class ArrayDataset(NamedTuple):
+    """A whole data set in memory: uint8 images [N, 3, H, W] and int64 labels [N]."""
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
     num_classes: int
 
-    def to(self, device) -> "Dataset":
-        """The same data set on `device`."""
-        return Dataset(self.x_train.to(device), self.y_train.to(device),
-                       self.x_test.to(device), self.y_test.to(device), self.num_classes)
 
-
-@dataclass(frozen=True)
-class Source:
-    """Where a CIFAR data set comes from and what its files must hash to (MD5 hex digests)."""
-    name: str
-    url: str
-    archive: str                             # file name of the archive inside data_dir
-    archive_md5: str
-    folder: str                              # the archive's top-level folder
-    train_files: tuple[tuple[str, str], ...]  # (file name in folder, MD5), in order
-    test_files: tuple[tuple[str, str], ...]
-    label_key: str                           # "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)
-    num_classes: int
-
-    @property
-    def files(self) -> tuple[tuple[str, str], ...]:
-        return self.train_files + self.test_files
-
-
-# The official archives and the MD5 of every file this module unpickles, as published with the
-# data sets and as listed by torchvision.datasets.CIFAR10 / CIFAR100. Tests swap in their own
-# `Source` (or pass one to `load_cifar`) to use files they write themselves.
-SOURCES: dict[str, Source] = {
-    "cifar10": Source(
-        name="cifar10",
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        archive="cifar-10-python.tar.gz",
-        archive_md5="c58f30108f718f92721af3b95e74349a",
-        folder="cifar-10-batches-py",
-        train_files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
-                     ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
-                     ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
-                     ("data_batch_4", "634d18415352ddfa80567beed471001a"),
-                     ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
-        test_files=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
-        label_key="labels",
-        num_classes=10,
-    ),
-    "cifar100": Source(
-        name="cifar100",
-        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        archive="cifar-100-python.tar.gz",
-        archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
-        folder="cifar-100-python",
-        train_files=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
-        test_files=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
-        label_key="fine_labels",
-        num_classes=100,
-    ),
-}
-
-# Per-channel (mean, std) of the training images scaled to [0, 1]. CIFAR: the usual values
-# over all training pixels. Synthetic: measured on make_synthetic()'s default output (the
-# generator's statistics barely depend on the seed or the size).
-STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+# Per-channel (mean, std) of the training images scaled to [0, 1]: CIFAR's usual values; for
+# synthetic, those of make_synthetic()'s default output (test_data.py checks them).
+STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "synthetic": ((0.502, 0.502, 0.502), (0.269, 0.269, 0.269)),
 }
 
-_CACHE_VERSION = 1
-_TIMEOUT_S = 60.0
 
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------
+# -- Loading ----------------------------------------------------------------------------------
 
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", *, download: bool = True,
-                 seed: int = 0, num_train: int | None = None, num_test: int | None = None) -> Dataset:
-    """Load a data set by name as CPU tensors (move them with `Dataset.to(device)`).
+                 seed: int = 0, num_train: int | None = None, num_test: int | None = None) -> ArrayDataset:
+    """Load a data set by name ("cifar10", "cifar100", "synthetic") as CPU tensors.
 
-    name: "cifar10", "cifar100" or "synthetic".
-    data_dir: where the CIFAR archive, its extracted folder and the array cache live.
-    download: fetch a missing CIFAR archive from the official site (else raise DataError).
-    seed, num_train, num_test: for "synthetic" (see `make_synthetic`; defaults 10000 / 2000).
-        CIFAR ignores `seed` and rejects sizes.
+    data_dir: where the CIFAR archive and its folder live; download: fetch a missing archive
+    (else DataError). seed, num_train, num_test: for "synthetic" only (`make_synthetic`).
     """
     if name == "synthetic":
         sizes = {k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None}
@@ -167,356 +84,33 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", *, download: b
     return load_cifar(SOURCES[name], data_dir, download=download)
 
 
-def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = True,
-               cache: bool = True, timeout: float = _TIMEOUT_S) -> Dataset:
-    """Load a CIFAR data set, downloading, verifying and extracting it on first use.
-
-    Order: a valid array cache; else the extracted folder `<data_dir>/<source.folder>` (each
-    file MD5-checked before unpickling); else the archive `<data_dir>/<source.archive>` (placed
-    by hand or downloaded when `download`), MD5-checked, then extracted.
-    """
-    data_dir = Path(data_dir)
-    cache_path = data_dir / f"{source.folder}.uint8.npz"
-    if cache and cache_path.is_file():
-        try:
-            return _read_cache(cache_path, source)
-        except Exception as e:  # any damage at all: fall back to the verified files
-            warnings.warn(f"ignoring the array cache {cache_path} ({e}); rebuilding it from the "
-                          f"MD5-checked files", RuntimeWarning, stacklevel=2)
-            _unlink(cache_path)
-
-    folder = data_dir / source.folder
-    if not folder.is_dir():
-        archive = data_dir / source.archive
-        if archive.is_file():
-            actual = _md5_file(archive)
-            if actual != source.archive_md5:
-                raise ChecksumError(
-                    f"{archive}: MD5 {actual} differs from the official {source.archive_md5}, so it "
-                    f"was not extracted (a partial or altered download?). Delete it and run again "
-                    f"to download it afresh, or replace it by hand with the official archive from "
-                    f"{source.url}.")
-        elif not download:
-            raise DataError(f"{source.name} is not in {data_dir} and download=False.\n"
-                            + _manual_help(source, data_dir))
-        else:
-            try:
-                download_file(source.url, archive, source.archive_md5, timeout=timeout)
-            except DataError as e:
-                raise type(e)(f"{e}\n{_manual_help(source, data_dir)}") from e
-        extract_archive(archive, data_dir, source.folder)
-
-    dataset = _read_folder(folder, source, data_dir)
-    if cache:
-        _write_cache(cache_path, dataset, source)
-    return dataset
-
-
-def _manual_help(source: Source, data_dir: Path) -> str:
-    names = ", ".join(n for n, _ in source.files)
-    return (f"To set up {source.name} by hand: on a machine with internet access download\n"
-            f"    {source.url}\n"
-            f"and copy it, unchanged, to\n"
-            f"    {data_dir / source.archive}    (MD5 {source.archive_md5})\n"
-            f"or extract it so that {data_dir / source.folder}/ holds {names}.\n"
-            f"Then run again: the files are verified and used without a download. The synthetic "
-            f"data set needs no files at all.")
-
-
-def _read_folder(folder: Path, source: Source, data_dir: Path) -> Dataset:
-    xs, ys = {}, {}
-    for split, files in (("train", source.train_files), ("test", source.test_files)):
-        parts = [_read_batch(folder / name, md5, source, data_dir) for name, md5 in files]
-        xs[split] = torch.from_numpy(np.concatenate([p[0] for p in parts]))
-        ys[split] = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    return Dataset(xs["train"], ys["train"], xs["test"], ys["test"], source.num_classes)
-
-
-def _read_batch(path: Path, md5: str, source: Source, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file: MD5-check its bytes, then unpickle those same bytes and decode them."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} is missing: {path.parent} is incomplete. Delete that folder and run again "
-            f"to extract it afresh from {data_dir / source.archive} (downloaded if absent).\n"
-            + _manual_help(source, data_dir)) from None
-    actual = hashlib.md5(raw).hexdigest()
-    if actual != md5:
-        raise ChecksumError(
-            f"{path}: MD5 {actual} differs from the official {md5}; the file was not loaded "
-            f"(a damaged, partial or altered copy). Delete the folder {path.parent} and run again "
-            f"to extract it afresh from {data_dir / source.archive} (downloaded if absent), or "
-            f"place the official archive by hand at {data_dir / source.archive} (MD5 "
-            f"{source.archive_md5}, from {source.url}).")
-    entry = _unpickle(raw)
-    try:
-        x = np.asarray(_field(entry, "data"), dtype=np.uint8)
-        y = np.asarray(_field(entry, source.label_key), dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} passed its checksum but is not a CIFAR batch ({e})") from e
-    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
-        raise DataError(f"{path}: expected data [n, 3072] and n labels; got {x.shape} and {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() >= source.num_classes):
-        raise DataError(f"{path}: labels outside [0, {source.num_classes})")
-    # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
-    return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), y
-
-
-def _unpickle(raw: bytes):
-    """The only unpickling in this module; called on MD5-verified bytes only."""
-    # latin1 decodes the Python 2 strings of the official files (keys become str).
-    return pickle.loads(raw, encoding="latin1")
-
-
-def _field(entry, key: str):
-    if not isinstance(entry, dict):
-        raise TypeError(f"expected a dict, got {type(entry).__name__}")
-    if key in entry:
-        return entry[key]
-    return entry[key.encode()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Download and extraction
-# ---------------------------------------------------------------------------------------------
-
-_NETWORK_ERRORS = (urllib.error.URLError, OSError, HTTPException, ValueError)
-
-
-def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float = _TIMEOUT_S,
-                  chunk_size: int = 1 << 20, quiet: bool = False) -> Path:
-    """Download `url` to `dest`, which appears only once the MD5 matches.
-
-    The bytes stream into a temporary file next to `dest` (so the final rename is atomic) and
-    are hashed on the way; on any failure or interruption the temporary file is removed.
-    Raises DataError when the download fails, ChecksumError when the MD5 differs.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except _NETWORK_ERRORS as e:
-                raise DataError(f"could not download {url}: {_reason(e)}. This machine seems to be "
-                                f"offline, or the server cannot be reached.") from e
-            with response:
-                total = int(response.headers.get("Content-Length") or 0)
-                if not quiet:
-                    size = f" ({total / 2**20:.0f} MB)" if total else ""
-                    print(f"downloading {url}{size} to {dest}", file=sys.stderr, flush=True)
-                done, shown = 0, 0
-                while True:
-                    try:
-                        chunk = response.read(chunk_size)
-                    except _NETWORK_ERRORS as e:
-                        raise DataError(f"the download of {url} broke off after {done} bytes: "
-                                        f"{_reason(e)}. Run again to retry.") from e
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    out.write(chunk)
-                    done += len(chunk)
-                    if not quiet and total and done * 10 // total > shown:
-                        shown = done * 10 // total
-                        print(f"  {shown * 10}%", file=sys.stderr, flush=True)
-        actual = digest.hexdigest()
-        if actual != md5:
-            raise ChecksumError(
-                f"the file downloaded from {url} has MD5 {actual}, not the official {md5}; it was "
-                f"discarded. Run again to retry (a proxy or captive portal may have altered it).")
-        os.replace(tmp, dest)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    return dest
-
-
-def _reason(e: BaseException) -> str:
-    reason = getattr(e, "reason", None)
-    return str(reason if reason is not None else e) or type(e).__name__
-
-
-def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, folder: str) -> Path:
-    """Extract the top-level `folder` of a .tar.gz into `data_dir`, atomically.
-
-    Only plain files and folders are extracted; a member with an absolute path, a `..`
-    component, or that is a link or device is refused (DataError) before anything lands in
-    `data_dir`. Everything is written to a temporary folder that is renamed to
-    `<data_dir>/<folder>` once complete, and removed on failure or interruption.
-    """
-    archive, data_dir = Path(archive), Path(data_dir)
-    final = data_dir / folder
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{folder}.", suffix=".extract"))
-    try:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for member in tar:
-                    parts = _safe_parts(member.name, archive)
-                    if not parts:
-                        continue
-                    target = tmp.joinpath(*parts)
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                    elif member.isfile():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with tar.extractfile(member) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                    else:
-                        raise DataError(f"{archive}: member {member.name!r} is a link or special "
-                                        f"file; refusing to extract this archive")
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
-        extracted = tmp / folder
-        if not extracted.is_dir():
-            raise DataError(f"{archive} has no top-level folder {folder}/; is it the right archive?")
-        try:
-            os.rename(extracted, final)
-        except OSError:
-            if not final.is_dir():  # else another process extracted it first: use theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _safe_parts(name: str, archive: Path) -> list[str]:
-    if name.startswith(("/", "\\")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        raise DataError(f"{archive}: member {name!r} has an absolute path; refusing to extract")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise DataError(f"{archive}: member {name!r} points outside the archive's folder; "
-                        f"refusing to extract")
-    return parts
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Array cache: plain .npz (no pickle), each array's SHA-256 and the source's MD5 table stored
-# ---------------------------------------------------------------------------------------------
-
-_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
-
-
-def _cache_meta(source: Source, arrays: dict[str, np.ndarray]) -> dict:
-    return {"version": _CACHE_VERSION, "source": source.name, "num_classes": source.num_classes,
-            "files": [list(f) for f in source.files],
-            "arrays": {k: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
-                       for k, a in arrays.items()}}
-
-
-def _write_cache(path: Path, ds: Dataset, source: Source) -> None:
-    arrays = {k: getattr(ds, k).numpy() for k in _ARRAYS}
-    meta = json.dumps(_cache_meta(source, arrays)).encode()
-    tmp = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.frombuffer(meta, dtype=np.uint8), **arrays)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            _unlink(tmp)
-        if not isinstance(e, OSError):
-            raise
-        # The cache is a convenience: a read-only or full disk is not an error.
-        warnings.warn(f"could not write the array cache {path}: {e}", RuntimeWarning, stacklevel=3)
-
-
-def _read_cache(path: Path, source: Source) -> Dataset:
-    with np.load(path, allow_pickle=False) as npz:
-        meta = json.loads(npz["meta"].tobytes().decode())
-        if meta.get("version") != _CACHE_VERSION or meta.get("source") != source.name:
-            raise ValueError("written by another version or for another data set")
-        if meta.get("files") != [list(f) for f in source.files]:
-            raise ValueError("made from files with other checksums")
-        arrays = {k: npz[k] for k in _ARRAYS}
-    if _cache_meta(source, arrays)["arrays"] != meta.get("arrays"):
-        raise ValueError("contents do not match their recorded shapes and SHA-256")
-    x_train, y_train, x_test, y_test = (torch.from_numpy(arrays[k]) for k in _ARRAYS)
-    if (x_train.dtype != torch.uint8 or x_train.shape[1:] != (3, 32, 32) or y_train.dtype != torch.int64
-            or len(y_train) != len(x_train) or len(y_test) != len(x_test)):
-        raise ValueError("arrays of the wrong shape or type")
-    return Dataset(x_train, y_train, x_test, y_test, source.num_classes)
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic data
-# ---------------------------------------------------------------------------------------------
+# -- Synthetic data ---------------------------------------------------------------------------
 
 def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 10, *,
-                   seed: int = 0, label_noise: float = 0.02) -> Dataset:
-    """A learnable, CIFAR-shaped data set whose examples differ in difficulty; needs no files.
-
-    Generative process (draws from torch generators seeded by `seed`: one stream for the class
-    templates, one for the training and one for the test examples, so the test set does not
-    depend on `num_train`):
-
-    1. Class templates. Class k has a colour and a texture. The colour is a hue: a unit
-       direction u_k in the plane of chroma (r + g + b = 0, so it carries no brightness), the
-       hues of the classes evenly spaced around the circle in a random order. The texture t_k
-       is a periodic random field (3 x 32 x 32) with spatial frequencies between 2 and 5
-       cycles per image; half of its variance is a texture common to all classes, so textures
-       alone tell classes apart only partly. Template T_k = 0.8 u_k + 0.6 t_k (unit RMS).
-    2. Each image blends its class's template with another random class's:
-       (1 - a) T_y + a T_other with a ~ U(0, 0.45), then mirrors the blend at random and shifts
-       it circularly to a uniformly random position (the texture has no fixed place); it then
-       scales it by a contrast A, adds a brightness 128 + U(-10, 10) (plus U(-3, 3) per
-       channel) and i.i.d. Gaussian pixel noise of sd sigma, and rounds and clips to uint8
-       (about 11% of the pixels clip, in high-contrast images).
-    3. Difficulty varies per example through independent draws: the contrast A log-uniform in
-       [30, 150] (a faint image shows little of its hue), the blend a (near 0.45 an image is
-       nearly as close to the other class as to its own), and the noise sigma log-uniform in
-       [10, 80], which mostly hides the texture.
-    4. Labels are balanced (each class equally often, up to rounding); then a fraction
-       `label_noise` of the *training* labels is moved to another class (test labels stay
-       clean), like the mislabelled examples of real data sets.
-
-    Measured with 10 classes, seed 0, 3000 training examples, 5 epochs (SGD lr 0.1, cosine,
-    batch 128, `augment`): the spiking ConvNet of models.py (T = 4) reaches 69% test accuracy
-    (39% after the first epoch), a small ReLU CNN (32-64-64 channels) 72%; logistic regression
-    on the pixels (Adam, 10 epochs) 61%, far from separating the classes. The colour is learnt
-    first, the texture (which needs translation invariance) much later: the same ReLU CNN
-    reaches 97% after 15 epochs on 10000 examples. Difficulty is graded: after 5 epochs the
-    spiking ConvNet is right on 52% of the test images with the faintest colour (lowest
-    third) and on 81% of those with the strongest. With many classes the hues crowd together
-    and the textures matter more. Generating 10000 examples takes about 0.3 s on a 2-core CPU.
+                   seed: int = 0, label_noise: float = 0.02) -> ArrayDataset:
+    """A learnable, CIFAR-shaped data set whose examples differ in difficulty; needs no files
+    (one seeded generator each for the templates, the training and the test examples).
+    1. Class k's template is a colour and a texture: 0.8 u_k + 0.6 t_k (unit RMS), with u_k a
+       hue in the plane of chroma (r + g + b = 0: no brightness), the classes' hues evenly
+       spaced in a random order, and t_k a periodic random field with 2 to 5 cycles per image,
+       half of its variance shared by all classes (texture alone tells classes apart partly).
+    2. Each image blends its class's template with another class's, (1 - a) T_y + a T_other
+       with a ~ U(0, 0.45), mirrors it at random, shifts it circularly to a random position,
+       scales it by a contrast A, adds a brightness 128 + U(-10, 10) (+ U(-3, 3) per channel)
+       and Gaussian pixel noise of sd sigma, and rounds and clips to uint8.
+    3. Difficulty varies per example: A log-uniform in [30, 150] (a faint image shows little
+       of its hue), the blend a, and sigma log-uniform in [10, 80] (mostly hides the texture).
+    4. Labels are balanced; then a fraction `label_noise` of the *training* labels moves to
+       another class (test labels stay clean), like the mislabelled examples of real data.
     """
-    if num_train < 1 or num_test < 1:
-        raise ValueError(f"num_train and num_test must be positive; got {num_train}, {num_test}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2; got {num_classes}")
-    if not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"label_noise must lie in [0, 1]; got {label_noise}")
+    if num_train < 1 or num_test < 1 or num_classes < 2 or not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"make_synthetic needs num_train, num_test >= 1, num_classes >= 2 and label_noise "
+                         f"in [0, 1]; got {num_train}, {num_test}, {num_classes}, {label_noise}")
     seed = int(seed) % (2 ** 62)
     templates = _templates(num_classes, _generator(seed, 0))
     x_train, y_train = _sample(templates, num_train, _generator(seed, 1), label_noise)
     x_test, y_test = _sample(templates, num_test, _generator(seed, 2), 0.0)
-    return Dataset(x_train, y_train, x_test, y_test, num_classes)
+    return ArrayDataset(x_train, y_train, x_test, y_test, num_classes)
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:
@@ -530,10 +124,11 @@ _BLEND = 0.45               # a ~ U(0, _BLEND): weight of the other class's temp
 _CONTRAST = (30.0, 150.0)   # A, log-uniform
 _SIGMA = (10.0, 80.0)       # pixel noise sd, log-uniform
 _BRIGHTNESS = (10.0, 3.0)   # +- range of the grey level, and of each channel on top of it
+_CHUNK = 1024               # examples generated at once: they stay in the CPU cache
 
 
 def _templates(k: int, g: torch.Generator) -> Tensor:
-    """[k, 2 (plain, mirrored), 3, 32 * 32] class templates of unit RMS."""
+    """[k, 2 (plain, mirrored), 3, 32 * 32] class templates of unit RMS (step 1 above)."""
     fy = torch.fft.fftfreq(32, 1 / 32).view(32, 1)
     fx = torch.fft.rfftfreq(32, 1 / 32).view(1, 17)
     radius = (fy ** 2 + fx ** 2).sqrt()
@@ -553,9 +148,6 @@ def _templates(k: int, g: torch.Generator) -> Tensor:
     u = (hue.cos()[:, None] * e1 + hue.sin()[:, None] * e2) * math.sqrt(3)  # RMS 1 per pixel
     t = math.sqrt(1.0 - _COLOUR ** 2) * t + _COLOUR * u.view(k, 3, 1, 1)
     return torch.stack([t, t.flip(-1)], dim=1).reshape(k, 2, 3, 32 * 32)
-
-
-_CHUNK = 1024
 
 
 def _log_uniform(n: int, low: float, high: float, g: torch.Generator) -> Tensor:
@@ -578,7 +170,7 @@ def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -
     pixel = (((r + dy) % 32).view(n, 32, 1) * 32 + ((r + dx) % 32).view(n, 1, 32)).view(n, 1, 1024)
     bank = templates.reshape(k * 2, 3, 1024)
     x = torch.empty(n, 3, 1024, dtype=torch.uint8)
-    for i in range(0, n, _CHUNK):  # chunks that stay in cache: about twice as fast as one pass
+    for i in range(0, n, _CHUNK):
         j = slice(i, i + _CHUNK)
         m = len(y[j])
         image = bank.index_select(0, y[j] * 2 + mirror[j]).lerp_(
@@ -594,34 +186,23 @@ def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -
     return x, y
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation, normalisation, minibatches
-# ---------------------------------------------------------------------------------------------
+# -- Augmentation and normalisation -----------------------------------------------------------
 
 def augment_params(n: int, *, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None,
                    device=None) -> tuple[Tensor, Tensor, Tensor]:
     """Random crop offsets and flips for `n` examples: (top, left) in [0, 2 pad], flip bool.
-
-    Drawn on the generator's device (else `device`), in this order: top and left together as
-    one [2, n] draw, then the flips.
-    """
-    if generator is not None:
-        device = generator.device
+    Drawn on the generator's device (else `device`): top and left as one [2, n] draw, then flips."""
+    device = generator.device if generator is not None else device
     offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=device)
-    if flip:
-        flips = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
-    else:
-        flips = torch.zeros(n, dtype=torch.bool, device=offsets.device)
+    flips = (torch.randint(0, 2, (n,), generator=generator, device=device).bool() if flip
+             else torch.zeros(n, dtype=torch.bool, device=offsets.device))
     return offsets[0], offsets[1], flips
 
 
 def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pad: int = 4) -> Tensor:
     """Per example i: zero-pad x[i] by `pad` on every side, take the H x W window whose corner
-    is (top[i], left[i]) in the padded image, and mirror it left-right if flip[i].
-
-    x: [B, C, H, W] of any dtype; top, left: [B] integers in [0, 2 pad]; flip: [B] bool.
-    One gather over the whole batch, on x's device.
-    """
+    is (top[i], left[i]) in the padded image, and mirror it left-right if flip[i]. x: [B, C, H, W]
+    of any dtype; top, left: [B] integers in [0, 2 pad]; flip: [B] bool. One gather, on x's device."""
     B, C, H, W = x.shape
     dev = x.device
     top, left, flip = top.to(dev), left.to(dev), flip.to(dev)
@@ -636,36 +217,22 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pad: int = 
 
 def augment(x: Tensor, generator: torch.Generator | None = None, *, pad: int = 4,
             flip: bool = True) -> Tensor:
-    """Random crop after zero padding by `pad` (default 4), and random horizontal flip.
-
-    The usual CIFAR augmentation of the SNN literature, applied to a whole batch
-    x [B, C, H, W] (uint8 or float) at once; returns the same shape and dtype on x's device.
-    Reproducible with a seeded `generator`, which may live on x's device or on the CPU.
-    """
-    top, left, flips = augment_params(x.shape[0], pad=pad, flip=flip, generator=generator,
-                                      device=x.device)
+    """Random crop after zero padding by `pad`, and random horizontal flip: the usual CIFAR
+    augmentation of the SNN literature, on a whole batch x [B, C, H, W] (uint8 or float) at once,
+    on x's device. Reproducible with a seeded `generator` (on x's device or the CPU)."""
+    top, left, flips = augment_params(len(x), pad=pad, flip=flip, generator=generator, device=x.device)
     return crop_flip(x, top, left, flips, pad=pad)
 
 
-def _stats(stats) -> tuple[Sequence[float], Sequence[float]]:
-    if isinstance(stats, str):
-        if stats not in STATS:
-            raise ValueError(f"no normalisation statistics for {stats!r}; valid names: "
-                             f"{', '.join(STATS)}, or pass (mean, std)")
-        return STATS[stats]
-    mean, std = stats
-    return mean, std
-
-
 class Normalizer:
-    """uint8 images -> float32 (x / 255 - mean) / std per channel, on `device`.
-
-    stats: a data set name ("cifar10", "cifar100", "synthetic") or a (mean, std) pair of
-    per-channel values for images scaled to [0, 1].
-    """
+    """uint8 images -> float32 (x / 255 - mean) / std per channel, on `device`. stats: a name in
+    STATS or a (mean, std) pair of per-channel values for images scaled to [0, 1]."""
 
     def __init__(self, stats="cifar10", device=None):
-        mean, std = _stats(stats)
+        if isinstance(stats, str) and stats not in STATS:
+            raise ValueError(f"no normalisation statistics for {stats!r}; valid names: "
+                             f"{', '.join(STATS)}, or pass (mean, std)")
+        mean, std = STATS[stats] if isinstance(stats, str) else stats
         mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
         std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
         self.scale = 1.0 / (255.0 * std)
@@ -676,24 +243,207 @@ class Normalizer:
         return out.sub_(self.shift)
 
 
-def normalize(x: Tensor, stats="cifar10") -> Tensor:
-    """`Normalizer(stats, x.device)(x)`: uint8 [.., C, H, W] -> normalised float32."""
-    return Normalizer(stats, x.device)(x)
+# -- Acquisition of CIFAR: download, verify, extract, decode ----------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """Where a CIFAR data set comes from and what its files must hash to (MD5 hex digests)."""
+    name: str
+    url: str
+    archive: str                             # file name of the archive inside data_dir
+    archive_md5: str
+    folder: str                              # the archive's top-level folder
+    train_files: tuple[tuple[str, str], ...]  # (file name in folder, MD5), in order
+    test_files: tuple[tuple[str, str], ...]
+    label_key: str                           # "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)
+    num_classes: int
+
+    @property
+    def files(self) -> tuple[tuple[str, str], ...]:
+        return self.train_files + self.test_files
 
 
-def batches(x: Tensor, y: Tensor, indices: Tensor | Iterable[int], batch_size: int, *,
-            drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Yield (x[idx], y[idx], idx) for consecutive chunks idx of `indices`.
+# The official archives and the MD5 of every file unpickled, as published with the data sets
+# (and listed by torchvision.datasets.CIFAR10 / CIFAR100). Tests pass their own `Source`.
+SOURCES = {
+    "cifar10": Source(
+        "cifar10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+        train_files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+                     ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+                     ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+                     ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+                     ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb")),
+        test_files=(("test_batch", "40351d587109b95175f43aff81a1287e"),), label_key="labels", num_classes=10),
+    "cifar100": Source(
+        "cifar100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+        train_files=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
+        test_files=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),), label_key="fine_labels", num_classes=100),
+}
 
-    indices: any order of example indices, e.g. a permutation or `list(sampler)`; moved to
-    x's device. The last chunk may be short unless `drop_last`.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size}")
-    if not torch.is_tensor(indices):
-        indices = torch.as_tensor(list(indices), dtype=torch.long)
-    indices = indices.to(device=x.device, dtype=torch.long).reshape(-1)
-    stop = len(indices) - len(indices) % batch_size if drop_last else len(indices)
-    for i in range(0, stop, batch_size):
-        idx = indices[i:i + batch_size]
-        yield x[idx], y[idx], idx
+
+def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = True,
+               timeout: float = 60.0) -> ArrayDataset:
+    """Load CIFAR from `<data_dir>/<source.folder>`; if absent, from the archive (placed by hand,
+    or downloaded when `download`), MD5-checked, then extracted. Every file is MD5-checked."""
+    data_dir = Path(data_dir)
+    folder = data_dir / source.folder
+    if not folder.is_dir():
+        archive = data_dir / source.archive
+        if archive.is_file():
+            actual = hashlib.md5(archive.read_bytes()).hexdigest()
+            if actual != source.archive_md5:
+                raise ChecksumError(
+                    f"{archive}: MD5 {actual} differs from the official {source.archive_md5}, so it "
+                    f"was not extracted (a partial or altered download?). Delete it and run again "
+                    f"to download it afresh, or replace it by hand with the official archive from "
+                    f"{source.url}.")
+        elif not download:
+            raise DataError(f"{source.name} is not in {data_dir} and download=False.\n"
+                            + _manual_help(source, data_dir))
+        else:
+            try:
+                download_file(source.url, archive, source.archive_md5, timeout=timeout)
+            except DataError as e:
+                raise type(e)(f"{e}\n{_manual_help(source, data_dir)}") from e
+        extract_archive(archive, data_dir, source.folder)
+    splits = []
+    for files in (source.train_files, source.test_files):
+        parts = [_read_batch(folder / name, md5, source, data_dir) for name, md5 in files]
+        splits += [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1)]
+    return ArrayDataset(*splits, source.num_classes)
+
+
+def _manual_help(source: Source, data_dir: Path) -> str:
+    names = ", ".join(n for n, _ in source.files)
+    return (f"To set up {source.name} by hand: on a machine with internet access download\n    "
+            f"{source.url}\nand copy it, unchanged, to\n    {data_dir / source.archive}    (MD5 "
+            f"{source.archive_md5})\nor extract it so that {data_dir / source.folder}/ holds {names}.\n"
+            f"Then run again: the files are verified and used without a download. The synthetic "
+            f"data set needs no files at all.")
+
+
+def _read_batch(path: Path, md5: str, source: Source, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: MD5-check its bytes, then unpickle those same bytes and decode them."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} is missing: {path.parent} is incomplete. Delete that folder and run again "
+            f"to extract it afresh from {data_dir / source.archive} (downloaded if absent).\n"
+            + _manual_help(source, data_dir)) from None
+    actual = hashlib.md5(raw).hexdigest()
+    if actual != md5:
+        raise ChecksumError(
+            f"{path}: MD5 {actual} differs from the official {md5}; the file was not loaded (a damaged, "
+            f"partial or altered copy). Delete the folder {path.parent} and run again to extract it "
+            f"afresh from {data_dir / source.archive} (downloaded if absent), or place the official "
+            f"archive there by hand (MD5 {source.archive_md5}, from {source.url}).")
+    # The only unpickling in this module, of verified bytes. latin1 decodes the Python 2
+    # strings of the official files (keys become str; files written by Python 3 keep bytes).
+    entry = pickle.loads(raw, encoding="latin1")
+    field = lambda key: entry[key] if key in entry else entry[key.encode()]
+    try:
+        x = np.asarray(field("data"), dtype=np.uint8)
+        y = np.asarray(field(source.label_key), dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path} passed its checksum but is not a CIFAR batch ({e})") from e
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
+        raise DataError(f"{path}: expected data [n, 3072] and n labels; got {x.shape} and {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= source.num_classes):
+        raise DataError(f"{path}: labels outside [0, {source.num_classes})")
+    # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
+    return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), y
+
+
+_NETWORK_ERRORS = (urllib.error.URLError, OSError, HTTPException, ValueError)
+
+
+def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float = 60.0) -> Path:
+    """Download `url` to `dest`, which appears only once the MD5 matches: the bytes stream into a
+    temporary file next to `dest` (the rename is atomic), removed on any failure or interruption.
+    Raises DataError when the download fails, ChecksumError when the MD5 differs."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    digest, done = hashlib.md5(), 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=timeout)
+            except _NETWORK_ERRORS as e:
+                raise DataError(f"could not download {url}: {_reason(e)}. This machine seems to be "
+                                f"offline, or the server cannot be reached.") from e
+            print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
+            with response:
+                while True:
+                    try:
+                        chunk = response.read(1 << 20)
+                    except _NETWORK_ERRORS as e:
+                        raise DataError(f"the download of {url} broke off after {done} bytes: "
+                                        f"{_reason(e)}. Run again to retry.") from e
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    out.write(chunk)
+                    done += len(chunk)
+        if digest.hexdigest() != md5:
+            raise ChecksumError(
+                f"the file downloaded from {url} has MD5 {digest.hexdigest()}, not the official {md5}; "
+                f"it was discarded. Run again to retry (a proxy or captive portal may have altered it).")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _reason(e: BaseException) -> str:
+    return str(getattr(e, "reason", None) or e) or type(e).__name__
+
+
+def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, folder: str) -> Path:
+    """Extract the top-level `folder` of a .tar.gz into `data_dir`, atomically: only plain files
+    and folders (a link, device, absolute path or `..` is refused), into a temporary folder that
+    is renamed to `<data_dir>/<folder>` once complete and removed on failure."""
+    archive, data_dir = Path(archive), Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{folder}.", suffix=".extract"))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar:
+                    target = tmp.joinpath(*_safe_parts(member, archive))
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        with tar.extractfile(member) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
+        if not (tmp / folder).is_dir():
+            raise DataError(f"{archive} has no top-level folder {folder}/; is it the right archive?")
+        try:
+            os.rename(tmp / folder, data_dir / folder)
+        except OSError:
+            if not (data_dir / folder).is_dir():  # else another process extracted it first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data_dir / folder
+
+
+def _safe_parts(member: tarfile.TarInfo, archive: Path) -> list[str]:
+    name = member.name
+    if not (member.isdir() or member.isfile()):
+        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to extract "
+                        f"this archive")
+    if name.startswith(("/", "\\")) or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise DataError(f"{archive}: member {name!r} has an absolute path; refusing to extract")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise DataError(f"{archive}: member {name!r} points outside the archive's folder; "
+                        f"refusing to extract")
+    return parts
