@@ -1,8 +1,8 @@
 """Spiking neural networks for image classification, in one file.
 
-A leaky integrate-and-fire (LIF) neuron with surrogate gradients, and three networks built from
-it: the spiking ResNet-19 used for CIFAR in the SNN literature, a spiking VGG, and a small
-ConvNet for tests and smoke runs on a CPU.
+A leaky integrate-and-fire (LIF) neuron with surrogate gradients, and the networks built from
+it: the spiking ResNet-19 used for CIFAR in the SNN literature, and a spiking VGG, whose small
+configuration "convnet" serves tests and smoke runs on a CPU.
 
 Layout is time-first, as in SpikingJelly's multi-step mode: activations are [T, B, ...] with
 T timesteps and B examples. Only the neuron loops over T. Stateless layers (conv, BN, pooling)
@@ -47,7 +47,6 @@ __all__ = [
     "MultiStep",
     "SpikingResNet19",
     "SpikingVGG",
-    "ConvNet",
     "set_compile",
 ]
 
@@ -64,9 +63,8 @@ __all__ = [
 #
 # Why an autograd.Function and not the "detach trick" H(x) + (g(x) - g(x).detach()): on torch
 # 2.13 both trace into a single graph with no graph break, but the detach trick computes the
-# surrogate in the forward pass too, and on this project's CPU benchmark the compiled loop with
-# it was ~5x slower than with the Function (about as slow as eager), while the Function keeps
-# only u for the backward pass. Keeping alpha out of the Function (no non-tensor state on ctx)
+# surrogate in the forward pass too, and when this was written the compiled loop with it ran
+# about as slow as the eager loop on a CPU, while the Function keeps only u for the backward pass. Keeping alpha out of the Function (no non-tensor state on ctx)
 # also matters: a Function whose backward reads a Python float from ctx crashed dynamo once that
 # float became symbolic (after a change of alpha, or with dynamic=True).
 
@@ -376,27 +374,22 @@ class SpikingResNet19(SpikingNet):
 
 # VGG-11 (configuration "A" of Simonyan & Zisserman): channels, "M" = 2x2 max pool.
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+# A small spiking ConvNet for tests and CPU smoke runs (about 25k parameters): three conv-BN-LIF
+# layers, 2x2 max pools after the first two.
+CONVNET = (16, "M", 32, "M", 64)
 
 
-class _PooledHead(SpikingNet):
-    """stem -> features (conv/pool/LIF layers) -> spatial mean -> classifier, on [T, B, ...]."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(self.encode(x, self.stem))   # [T, B, C, h, w] spikes
-        return self.classifier(x.mean(dim=(-2, -1)))    # [T, B, num_classes]
-
-
-class SpikingVGG(_PooledHead):
+class SpikingVGG(SpikingNet):
     """Spiking VGG: conv-BN-LIF layers and 2x2 max pools, then global average pool + classifier.
 
-    cfg lists conv widths and "M" for max pools (default VGG-11). Max pooling of spikes is a
-    logical OR, so the feature maps stay binary. The two 4096-wide FC layers of the ImageNet
-    VGG are left out, as is usual for CIFAR.
+    cfg lists conv widths and "M" for max pools (default VGG-11; build_model("convnet") is the
+    small CONVNET). Max pooling of spikes is a logical OR, so the feature maps stay binary. The
+    two 4096-wide FC layers of the ImageNet VGG are left out, as is usual for CIFAR.
 
     forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
     `classifier` (nn.Linear(last width, num_classes)) is applied to [T, B, D]; its input is the
     spatial mean of the last binary feature map: in [0, 1], and itself binary when that map is
-    1x1 (VGG-11 on 32x32 inputs).
+    1x1 (VGG-11 on 32x32 inputs; not for CONVNET, whose last map is 8x8).
     """
 
     def __init__(self, num_classes: int, T: int = 4, cfg=VGG11, compile: bool = True, **neuron):
@@ -417,33 +410,9 @@ class SpikingVGG(_PooledHead):
         self.classifier = nn.Linear(c_in, num_classes)
         self.init_weights()
 
-
-
-class ConvNet(_PooledHead):
-    """A small spiking ConvNet for tests and CPU smoke runs (about 25k parameters).
-
-    Three conv-BN-LIF layers (16, 32, 64 channels by default), 2x2 max pools after the first
-    two, global average pool, classifier. A training step at batch 128, T=4, 32x32 takes
-    about 0.3 s eager (0.15 s with the compiled LIF) on an idle 2-core CPU.
-
-    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
-    `classifier` (nn.Linear(channels[-1], num_classes)) is applied to [T, B, D]; its input is
-    the spatial mean of the last layer's binary spikes: in [0, 1], not binary.
-    """
-
-    def __init__(self, num_classes: int, T: int = 4, channels=(16, 32, 64),
-                 compile: bool = True, **neuron):
-        super().__init__(T)
-        neuron = dict(neuron, compile=compile)
-        self.stem = nn.Sequential(*conv_bn(3, channels[0]))
-        layers, c_in = [LIF(**neuron)], channels[0]
-        for c in channels[1:]:
-            layers += [MultiStep(nn.MaxPool2d(2)), MultiStep(*conv_bn(c_in, c)), LIF(**neuron)]
-            c_in = c
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c_in, num_classes)
-        self.init_weights()
-
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(self.encode(x, self.stem))   # [T, B, C, h, w] spikes
+        return self.classifier(x.mean(dim=(-2, -1)))    # [T, B, num_classes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,14 +422,14 @@ class ConvNet(_PooledHead):
 _BUILDERS = {
     "resnet19": SpikingResNet19,
     "vgg11": SpikingVGG,
-    "convnet": ConvNet,
+    "convnet": functools.partial(SpikingVGG, cfg=CONVNET),
 }
 MODELS = tuple(_BUILDERS)
 
 
 def build_model(name: str, num_classes: int, T: int = 4, compile: bool = True, **kw) -> nn.Module:
     """Builds a network by name (one of MODELS). kw: LIF options (tau, v_threshold, v_reset,
-    surrogate, alpha, detach_reset) and architecture options (cfg for vgg11, channels for convnet)."""
+    surrogate, alpha, detach_reset) and, for vgg11, cfg."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
