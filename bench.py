@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,8 @@ import train
 from baselines import baseline_loss
 from sadp import HeadTap, SADPSampler, head_gradient_bound, head_gradient_norm, spike_aware_loss
 
-SECTIONS = ("speedup", "overhead", "variance", "lif", "accuracy", "throughput")
 # The accuracy section's methods at each ratio: train.py's, plus sadp drawn i.i.d. (with
-# replacement, as METHOD.md derives it) next to train.py's default without replacement.
+# replacement, the derivation as written in sadp.py) next to its default without replacement.
 METHODS = ("uniform", "infobatch", "ann", "sadp-iid", "sadp")
 
 
@@ -209,11 +209,10 @@ def bench_overhead(cfg, results):
         torch.manual_seed(0)
         model = models.build_model(name, 10, T=cfg["T"], compile=cfg["compile"]).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        from sadp import HeadTap
         tap = HeadTap(model.classifier, T=cfg["T"])
         bs = len(y) if name == "convnet" else cfg["big_batch"]
         xb, yb, wb = x[:bs], y[:bs], w[:bs]
-        amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.get("amp") else _null
+        amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.get("amp") else nullcontext
 
         def step(kind):
             def run():
@@ -260,14 +259,6 @@ def bench_overhead(cfg, results):
           f"{cfg['overhead_reps']} interleaved steps)",
           ["model", "batch", "plain step (ms)", "step with bound", "step with exact",
            "bound alone (us)", "bound / step", "exact alone (us)", "exact / step"], rows)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,71 +324,65 @@ def data_sets(cfg, num_train, num_test) -> list[dict]:
     return sets
 
 
+def trained_models(cfg, spec, directory):
+    """(epoch, model) after each epoch in spec["var_epochs"] of one full-data train.py run (its
+    cosine schedule spans the last of them), read back from the run's checkpoint at each stop."""
+    ds, stops, out = spec["data"], spec["var_epochs"], os.path.join(directory, "run")
+    model = models.build_model("convnet", ds.num_classes, T=cfg["T"], compile=cfg["compile"])
+    for k, stop in enumerate(stops):
+        args = bench_args(cfg, out, method="full", epochs=stops[-1], stop_after=stop, resume=k > 0,
+                          batch_size=spec["batch_size"], no_augment=not spec["augment"])
+        train.run(args, dataset=ds, stats=spec["stats"])
+        model.load_state_dict(train.load_checkpoint(out, "cpu")["model"])
+        yield stop, model
+
+
+def variance_snapshot(cfg, model, xp, yp, epoch: int) -> dict:
+    """Every score's estimator variance (closed form, vs uniform and the oracle), its rank
+    correlation with the true gradient norm, and the epoch estimator's variance as the sampler
+    draws it, on the pool (xp, yp) with all parameters' per-example gradients (BN in eval mode)."""
+    model.eval()
+    tap = HeadTap(model.classifier, T=cfg["T"])
+    scores = score_table(model, tap, xp, yp, cfg["T"])
+    tap.remove()
+    G = per_example_grads(model, xp, yp)
+    truth = G.norm(dim=1)
+    N = len(yp)
+    v_uni = estimator_variance(G, torch.full((N,), 1.0 / N, dtype=torch.float64))
+    snap = {"epoch": epoch, "uniform": v_uni, "oracle": estimator_variance(G, truth / truth.sum()) / v_uni,
+            "scores": {}}
+    for sname, s in list(scores.items()) + [("oracle", truth)]:
+        s = s.double().clamp_min(0)
+        for eps in (0.0, 0.1):
+            p = (1 - eps) * s / s.sum() + eps / N
+            snap["scores"].setdefault(sname, {})[f"eps={eps}"] = estimator_variance(G, p) / v_uni
+        snap["scores"][sname]["spearman"] = spearman(s, truth)
+    # The epoch's estimator (1/m) sum_j w_j g_j as the sampler really draws it, with and
+    # without replacement: Monte Carlo over many epochs with the pool as the data set.
+    mc = {}
+    for label, sc, eps in (("uniform", torch.ones(N), 1.0), ("sadp", scores["sadp"], 0.1),
+                           ("oracle", truth, 0.1)):
+        for replacement in (True, False):
+            v = sampled_variance(G, sc, cfg["var_ratio"], eps, replacement, cfg["var_mc"])
+            mc[f"{label}, {'with' if replacement else 'without'}"] = v
+    snap["epoch_estimator"] = {k: v / mc["uniform, with"] for k, v in mc.items()}
+    return snap
+
+
 def bench_variance(cfg, results):
-    from sadp import HeadTap
     out = {}
     for spec in data_sets(cfg, cfg["var_train"], 500):
-        name, ds, stats, batch = spec["name"], spec["data"], spec["stats"], spec["batch_size"]
-        norm = data.Normalizer(stats or "synthetic")
-        torch.manual_seed(0)
-        model = models.build_model("convnet", ds.num_classes, T=cfg["T"], compile=cfg["compile"])
-        opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+        name, ds = spec["name"], spec["data"]
+        norm = data.Normalizer(spec["stats"] or "synthetic")
         pool = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(1))[: cfg["var_pool"]]
         xp, yp = norm(ds.x_train[pool]), ds.y_train[pool]
-        checkpoints = spec["var_epochs"]
-        gen = torch.Generator().manual_seed(0)
-        rows_var, rows_rho, snaps = [], [], []
-        epoch = 0
-        for stop in checkpoints:
-            model.train()
-            while epoch < stop:                                   # plain full-data training
-                order = torch.randperm(len(ds.y_train), generator=gen)
-                for k, idx in enumerate(order.split(batch)):
-                    progress = (epoch + k * batch / len(order)) / checkpoints[-1]
-                    for group in opt.param_groups:
-                        group["lr"] = train.cosine_lr(cfg["lr"], progress)
-                    xb = ds.x_train[idx]
-                    out_ = model(norm(data.augment(xb, generator=gen) if spec["augment"] else xb))
-                    loss = F.cross_entropy(out_.mean(0), ds.y_train[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                epoch += 1
-            model.eval()
-            tap = HeadTap(model.classifier, T=cfg["T"])
-            scores = score_table(model, tap, xp, yp, cfg["T"])
-            tap.remove()
-            G = per_example_grads(model, xp, yp)
-            truth = G.norm(dim=1)
-            N = len(yp)
-            uniform = torch.full((N,), 1.0 / N, dtype=torch.float64)
-            v_uni = estimator_variance(G, uniform)
-            v_oracle = estimator_variance(G, truth / truth.sum())
-            snap = {"epoch": stop, "uniform": v_uni, "oracle": v_oracle / v_uni, "scores": {}}
-            for sname, s in list(scores.items()) + [("oracle", truth)]:
-                s = s.double().clamp_min(0)
-                for eps in (0.0, 0.1):
-                    p = (1 - eps) * s / s.sum() + eps / N
-                    snap["scores"].setdefault(sname, {})[f"eps={eps}"] = estimator_variance(G, p) / v_uni
-                snap["scores"][sname]["spearman"] = spearman(s, truth)
-            # The epoch's estimator (1/m) sum_j w_j g_j as the sampler really draws it, with and
-            # without replacement: Monte Carlo over many epochs with the pool as the data set.
-            snap["epoch_estimator"] = {}
-            for label, sc, eps in (("uniform", torch.ones(N), 1.0), ("sadp", scores["sadp"], 0.1),
-                                   ("oracle", truth, 0.1)):
-                for replacement in (True, False):
-                    v = sampled_variance(G, sc, cfg["var_ratio"], eps, replacement, cfg["var_mc"])
-                    snap["epoch_estimator"][f"{label}, {'with' if replacement else 'without'}"] = v
-            base = snap["epoch_estimator"]["uniform, with"]
-            snap["epoch_estimator"] = {k: v / base for k, v in snap["epoch_estimator"].items()}
-            snaps.append(snap)
-        model.train()
+        with tempfile.TemporaryDirectory() as tmp:
+            snaps = [variance_snapshot(cfg, model, xp, yp, stop) for stop, model in trained_models(cfg, spec, tmp)]
         names = ["loss", "ann", "sadp", "sadp-exact", "oracle"]
-        for sname in names:
-            rows_var.append([sname] + [f"{s['scores'][sname]['eps=0.0']:.3f} / {s['scores'][sname]['eps=0.1']:.3f}"
-                                       for s in snaps])
-            rows_rho.append([sname] + [round(s["scores"][sname]["spearman"], 3) for s in snaps])
-        rows_var.insert(0, ["uniform"] + ["1"] * len(snaps))
+        rows_var = [["uniform"] + ["1"] * len(snaps)]
+        rows_var += [[n] + [f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}" for s in snaps]
+                     for n in names]
+        rows_rho = [[n] + [round(s["scores"][n]["spearman"], 3) for s in snaps] for n in names]
         heads = [f"epoch {s['epoch']}" for s in snaps]
         table(f"Gradient variance vs uniform, {name} ({cfg['var_pool']} examples, all parameters, "
               f"BN in eval mode; p = score, eps = 0 / eps = 0.1 mix; lower is better, oracle is the floor)",
@@ -622,6 +607,12 @@ def plot(results, directory):
 
 
 # ---------------------------------------------------------------------------------------------
+# Configuration and the command line
+# ---------------------------------------------------------------------------------------------
+
+SECTIONS = {"speedup": bench_speedup, "overhead": bench_overhead, "variance": bench_variance,
+            "lif": bench_lif, "accuracy": bench_accuracy, "throughput": bench_throughput}
+
 
 def config(quick: bool, device: str, compile_: bool) -> dict:
     gpu = device.startswith("cuda")
@@ -674,9 +665,9 @@ def main(argv=None) -> int:
           f"{results['machine']['threads']} torch threads), GPU: {results['machine']['gpu']}, "
           f"torch {torch.__version__}, {results['date']}")
     t0 = time.perf_counter()
-    for section in SECTIONS:
+    for section, bench in SECTIONS.items():
         if section in only:
-            globals()[f"bench_{section}"](cfg, results)
+            bench(cfg, results)
             print(f"  ({section}: {time.perf_counter() - t0:.0f} s so far)", file=sys.stderr, flush=True)
     if args.out:
         train.atomic_write_bytes(args.out, json.dumps(results, indent=1, default=str).encode())

@@ -18,7 +18,7 @@ def one_thread():
 
     The tensors here are small, so a second thread gains little; but with two OpenMP threads on
     two cores, any other busy process on the machine stalls every parallel op at its barrier,
-    and this file took 60-100 s instead of 6 s (10 s with one thread, under the same load).
+    and this file then runs many times slower than with one thread.
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
