@@ -244,9 +244,11 @@ class SADPSampler(torch.utils.data.Sampler[int]):
 
     replacement=False draws m *distinct* examples instead, example i with probability
     pi_i = m p_i (systematic sampling; where m p_i would exceed 1 the example is taken for sure
-    and p is rescaled, see `_capped`). The weight is still 1 / (N p_i) with that p, and each
-    position of the epoch is still an unbiased draw: E[w g] = sum_i (pi_i / m) g_i / (N p_i)
-    = (1/N) sum_i g_i. What changes is coverage: at r = 0.3 an i.i.d. draw reaches only
+    and p is rescaled, see `_capped`), and puts them in a random order. The weight is still
+    1 / (N p_i) with that p, and each position of the epoch holds example i with probability
+    pi_i / m = p_i, so each position is an unbiased draw: E[w g] = sum_i p_i g_i / (N p_i)
+    = (1/N) sum_i g_i, and so is every minibatch. (The positions are no longer independent:
+    no example appears twice in an epoch.) What changes is coverage: at r = 0.3 an i.i.d. draw reaches only
     1 - e^(-0.7) = 50% of the examples, a draw without replacement 70%, and the variance of the
     epoch's summed gradient falls to about r times its i.i.d. value (the finite-population
     correction; bench.py measures it).
@@ -456,14 +458,21 @@ def _draw_systematic(pi: Tensor, gen: torch.Generator) -> Tensor:
     Systematic sampling on a random order: lay the pi_i end to end (total length m) in a random
     permutation and take the examples under the points u, u + 1, ..., u + m - 1 for one
     u ~ U[0, 1). An interval of length pi_i <= 1 holds at most one point, and holds one with
-    probability pi_i. The selected examples come out in the random permutation's order.
+    probability pi_i.
+
+    The selected set then gets an order of its own, an independent random permutation. Left in
+    the systematic order, an example's place would depend on its pi (a sure example is spread
+    evenly over the epoch, a rare one is not), so a given position of the epoch would not be
+    drawn from p. Shuffled, every position j holds example i with probability pi_i / m = p_i:
+    each minibatch, not only the epoch, is an unbiased draw.
     """
     order = torch.randperm(len(pi), generator=gen)
     ends = pi[order].cumsum(0)
     m = round(float(ends[-1]))
     ends = ends * (m / ends[-1])
     points = torch.rand(1, generator=gen, dtype=torch.float64) + torch.arange(m, dtype=torch.float64)
-    return order[torch.searchsorted(ends, points, right=True).clamp_max(len(pi) - 1)]
+    chosen = order[torch.searchsorted(ends, points, right=True).clamp_max(len(pi) - 1)]
+    return chosen[torch.randperm(m, generator=gen)]
 
 
 def _seed_for(seed: int, epoch: int) -> int:

@@ -250,6 +250,36 @@ def test_without_replacement_draws_distinct_examples_with_inclusion_probability_
     torch.testing.assert_close(s.weights(torch.arange(N)).double(), 1 / (N * s.probabilities), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("replacement, world_size", [(True, 1), (False, 1), (False, 2), (True, 2)])
+def test_every_position_of_the_epoch_is_drawn_from_p(replacement, world_size):
+    """Unbiased *minibatches* need more than unbiased epochs: each position j of the epoch must
+    hold example i with probability p_i. Chi-square per position (first, middle, last; with two
+    ranks, each rank's first and the padded last) over many epochs. Catches the systematic
+    draw left in its own order, where a sure example's place depends on its inclusion
+    probability (epoch-average frequencies are right there, per-position ones are not)."""
+    N, ratio, epochs = 8, 0.375, 12000                 # m = 5: two ranks need one padded draw
+    S = torch.tensor([5.0, 1.0, 1.0, 1.0, 0.2, 0.2, 3.0, 0.5])
+    ranks = [SADPSampler(N, ratio, seed=3, epsilon=0.1, replacement=replacement,
+                         rank=r, world_size=world_size) for r in range(world_size)]
+    for s in ranks:
+        s.update(torch.arange(N), S)
+    # (rank, position in that rank's share): with 2 ranks, rank 1's last is the padding draw
+    where = [(0, 0), (0, 2), (0, 4)] if world_size == 1 else [(0, 0), (1, 0), (0, 2), (1, 2)]
+    counts = torch.zeros(len(where), N, dtype=torch.float64)
+    for e in range(epochs):
+        shares = []
+        for s in ranks:
+            s.set_epoch(e)
+            shares.append(list(s))
+        for k, (r, j) in enumerate(where):
+            counts[k, shares[r][j]] += 1
+    p = ranks[0].probabilities
+    crit = 40.52   # chi-square quantile 1 - 1e-6 at 7 degrees of freedom
+    for k in range(len(where)):
+        chi2 = float(((counts[k] - epochs * p) ** 2 / (epochs * p)).sum())
+        assert chi2 < crit, (where[k], chi2, (counts[k] / epochs).tolist(), p.tolist())
+
+
 def test_uniform_without_replacement_is_a_plain_random_subset():
     s = SADPSampler(100, 0.3, epsilon=1.0, replacement=False)
     s.update(torch.arange(100), torch.rand(100))
