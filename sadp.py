@@ -273,13 +273,16 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             unseen examples are drawn early), or a positive number.
         replacement: True (default): m i.i.d. draws, as the method is derived. False: m
             distinct examples with inclusion probabilities m p (lower variance per epoch).
+        smoothing: beta in [0, 1): an example's score becomes beta * old + (1 - beta) * new
+            when it is scored again (an exponential moving average; 0 keeps the newest score).
+            It smooths the noise of single-batch scores; it does not make them fresher.
         rank, world_size: this process's place in a distributed run; default from
             torch.distributed when it is initialised, else a single process.
     """
 
     def __init__(self, num_examples: int, ratio: float, *, seed: int = 0,
                  epsilon: float = 0.1, initial_score: float | str = "mean",
-                 replacement: bool = True,
+                 replacement: bool = True, smoothing: float = 0.0,
                  rank: int | None = None, world_size: int | None = None):
         if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
             raise ValueError(f"num_examples must be a positive int (the training-set size); got {num_examples!r}.")
@@ -301,6 +304,9 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             raise ValueError(
                 f"ratio {ratio} leaves no example of {num_examples} to train on per epoch; "
                 f"lower the ratio.")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1) (the weight of the old score); got {smoothing!r}.")
+        self.smoothing = float(smoothing)
         self.seed = int(seed)
         self.epsilon = float(epsilon)
         self.initial_score = initial_score
@@ -309,6 +315,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         self.scores = torch.zeros(num_examples, dtype=torch.float64)  # S (valid where seen)
         self.seen = torch.zeros(num_examples, dtype=torch.bool)
         self.epoch = None                 # the epoch whose draw is frozen below
+        self.epoch_ratio = self.ratio     # this epoch's pruning ratio (see set_epoch)
         self.probabilities = None         # p, float64 [N], sums to 1
         self._draw = None                 # this epoch's indices, all ranks [m_padded]
 
@@ -330,13 +337,21 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         S[~self.seen] = fill
         return S
 
-    def set_epoch(self, epoch: int) -> None:
-        """Freeze this epoch's p from the score table and draw its indices."""
+    def set_epoch(self, epoch: int, ratio: float | None = None) -> None:
+        """Freeze this epoch's p from the score table and draw its indices.
+
+        ratio: this epoch's pruning ratio, for a schedule that varies it over the run
+        (default: the sampler's). 0 is a plain full-data epoch (a permutation, weights 1).
+        """
         N = self.num_examples
+        ratio = self.ratio if ratio is None else float(ratio)
+        m = round((1.0 - ratio) * N)
+        if not 0.0 <= ratio < 1.0 or m < 1:
+            raise ValueError(f"set_epoch: ratio must lie in [0, 1) and leave at least one example "
+                             f"of {N}; got {ratio!r}.")
         gen = torch.Generator().manual_seed(_seed_for(self.seed, epoch))
-        m = self.num_draws
         m_padded = -(-m // self.world_size) * self.world_size
-        if self.ratio == 0.0:
+        if ratio == 0.0:
             p = torch.full((N,), 1.0 / N, dtype=torch.float64)
             draw = torch.randperm(N, generator=gen)
             draw = torch.cat([draw, draw[: m_padded - N]])  # wrap around to a multiple of world_size
@@ -356,6 +371,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             # position of the epoch is then an unbiased draw, so every minibatch stays unbiased.
             draw = torch.cat([draw, _draw_iid(p, m_padded - m, gen)])
         self.epoch = int(epoch)
+        self.epoch_ratio = ratio
         self.probabilities = p
         self._draw = draw
 
@@ -368,14 +384,15 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         return iter(self._draw[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
-        return -(-self.num_draws // self.world_size)    # this rank's share
+        m = self.num_draws if self._draw is None else round((1.0 - self.epoch_ratio) * self.num_examples)
+        return -(-m // self.world_size)    # this rank's share
 
     def weights(self, indices: Tensor | Sequence[int]) -> Tensor:
         """w_i = 1 / (N p_i) under this epoch's frozen p (float32, on the indices' device)."""
         self._ensure_epoch()
         idx = torch.as_tensor(indices)
         w = 1.0 / (self.num_examples * self.probabilities[idx.cpu().long()])
-        if self.ratio == 0.0:
+        if self.epoch_ratio == 0.0:
             w = torch.ones_like(w)        # exactly 1, not 1 +- rounding
         return w.float().to(idx.device)
 
@@ -403,29 +420,52 @@ class SADPSampler(torch.utils.data.Sampler[int]):
                 f"update got {int(bad.sum())} non-finite or negative scores (first: {s[bad][0].item()} "
                 f"for example {int(idx[bad][0])}); the score table is unchanged. A NaN score means "
                 f"the forward pass diverged: lower the learning rate or check the inputs.")
+        if self.smoothing > 0.0:
+            old = torch.where(self.seen[idx], self.scores[idx], s)
+            s = self.smoothing * old + (1.0 - self.smoothing) * s
         self.scores[idx] = s
         self.seen[idx] = True
+
+    def variance_gain(self) -> float:
+        """The estimated factor by which this epoch's p lowers the gradient's second moment
+        against uniform sampling, reading the scores S as gradient norms:
+
+            gain = E_uniform ||g||^2 / E_p ||w g||^2 = (1/N) sum_i S_i^2 / ((1/N^2) sum_i S_i^2 / p_i)
+
+        1 for uniform p, N sum S^2 / (sum S)^2 >= 1 for p proportional to S. Johnson & Guestrin
+        (NeurIPS 2018) raise the learning rate by such a gain: an estimate with less variance
+        acts like a larger batch. For draws without replacement it is a lower bound.
+        """
+        self._ensure_epoch()
+        S = self._filled_scores()
+        p = self.probabilities
+        if not bool(S.any()):
+            return 1.0
+        S2 = (S / S.max()).square()           # scaled: the ratio is scale-free, no overflow
+        return float(self.num_examples * S2.sum() / (S2 / p).sum())
 
     # -- exact resume ----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"num_examples": self.num_examples, "ratio": self.ratio, "seed": self.seed,
                 "epsilon": self.epsilon, "replacement": self.replacement, "scores": self.scores.clone(), "seen": self.seen.clone(),
-                "epoch": self.epoch,
+                "epoch": self.epoch, "epoch_ratio": self.epoch_ratio, "smoothing": self.smoothing,
                 "probabilities": None if self.probabilities is None else self.probabilities.clone(),
                 "draw": None if self._draw is None else self._draw.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("num_examples", "ratio", "seed", "epsilon", "replacement"):
+        for key in ("num_examples", "ratio", "seed", "epsilon", "replacement", "smoothing"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state has {key}={state[key]!r} but this sampler has "
                     f"{getattr(self, key)!r}; resume with the same settings.")
-        if state["draw"] is not None and state["draw"].numel() != -(-self.num_draws // self.world_size) * self.world_size:
+        m = round((1.0 - state["epoch_ratio"]) * self.num_examples)
+        if state["draw"] is not None and state["draw"].numel() != -(-m // self.world_size) * self.world_size:
             raise ValueError("sampler state was saved with another world size; resume with the same one.")
         self.scores = state["scores"].clone().double()
         self.seen = state["seen"].clone().bool()
         self.epoch = state["epoch"]
+        self.epoch_ratio = state["epoch_ratio"]
         self.probabilities = None if state["probabilities"] is None else state["probabilities"].clone()
         self._draw = None if state["draw"] is None else state["draw"].clone()
 

@@ -280,6 +280,47 @@ def test_every_position_of_the_epoch_is_drawn_from_p(replacement, world_size):
         assert chi2 < crit, (where[k], chi2, (counts[k] / epochs).tolist(), p.tolist())
 
 
+def test_smoothing_is_an_exponential_moving_average_of_the_scores():
+    """beta * old + (1 - beta) * new for examples scored before, the new score for the others.
+    Catches the weights swapped, or the first score averaged with the table's zero."""
+    s = SADPSampler(4, 0.5, smoothing=0.75)
+    s.update(torch.tensor([0, 1]), torch.tensor([4.0, 8.0]))
+    s.update(torch.tensor([1, 2]), torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(s.scores, torch.tensor([4.0, 6.0, 2.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="smoothing"):
+        SADPSampler(4, 0.5, smoothing=1.0)
+
+
+def test_set_epoch_ratio_sets_that_epochs_budget_and_zero_is_full_data():
+    s = SADPSampler(100, 0.3, seed=1, replacement=False)
+    s.update(torch.arange(100), torch.rand(100) + 0.1)
+    s.set_epoch(0, ratio=0.0)
+    assert sorted(s) == list(range(100)) and torch.equal(s.weights(torch.arange(100)), torch.ones(100))
+    s.set_epoch(1, ratio=0.8)
+    assert len(s) == len(list(s)) == 20 and not torch.equal(s.weights(torch.arange(100)), torch.ones(100))
+    s.set_epoch(2)
+    assert len(list(s)) == 70
+    with pytest.raises(ValueError, match="ratio"):
+        s.set_epoch(3, ratio=1.0)
+
+
+def test_variance_gain_is_the_second_moment_ratio():
+    """gain = E_uniform ||g||^2 / E_p ||w g||^2 with ||g_i|| = S_i, written out as the two
+    expectations; 1 for uniform p. Catches a gain inverted or computed without the mix."""
+    N = 50
+    S = torch.rand(N, dtype=torch.float64) ** 3 + 0.01
+    s = SADPSampler(N, 0.5, epsilon=0.2)
+    s.set_epoch(0)
+    assert s.variance_gain() == pytest.approx(1.0)      # nothing seen: uniform p
+    s.update(torch.arange(N), S)
+    s.set_epoch(1)
+    p = s.probabilities
+    uniform = (S ** 2).mean()
+    weighted = (p * (S / (N * p)) ** 2).sum()
+    assert s.variance_gain() == pytest.approx(float(uniform / weighted), rel=1e-9)
+    assert s.variance_gain() > 1
+
+
 def test_uniform_without_replacement_is_a_plain_random_subset():
     s = SADPSampler(100, 0.3, epsilon=1.0, replacement=False)
     s.update(torch.arange(100), torch.rand(100))

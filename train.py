@@ -40,6 +40,7 @@ from sadp import HeadTap, SADPSampler, baseline_loss, spike_aware_loss
 from sadp import _all_gather_cat  # the sampler's own gather, reused by the InfoBatch baseline
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
+SCHEDULES = ("constant", "warmup", "anneal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,14 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=datasets.DATASETS, default="cifar10",
-                   help="data set (default cifar10; synthetic needs no download)")
+                   help="data set (default cifar10; synthetic needs no download; mnist1d needs "
+                        "`pip install mnist1d`)")
     p.add_argument("--data-dir", default="data", help="where data sets are cached (default ./data)")
     p.add_argument("--train-size", type=int, default=None,
                    help="synthetic only: training examples (default 10000)")
     p.add_argument("--test-size", type=int, default=None,
                    help="synthetic only: test examples (default 2000)")
     p.add_argument("--model", choices=models.MODELS, default="resnet19",
-                   help="network (default resnet19, the usual CIFAR SNN; convnet for CPU demos)")
+                   help="network (default resnet19, the usual CIFAR SNN; convnet for CPU demos; "
+                        "conv1d for mnist1d)")
     p.add_argument("--T", type=int, default=4, help="timesteps (default 4, as in tdBN/TET on CIFAR)")
     p.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
     p.add_argument("--batch-size", type=int, default=128,
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
     p.add_argument("--no-augment", action="store_true",
-                   help="no random crop + flip (on by default, as for CIFAR)")
+                   help="no random crop + flip (on by default for the image sets, as for CIFAR; "
+                        "mnist1d has none)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
     p.add_argument("--per-timestep", action="store_true",
                    help="TET-style loss: mean over t of CE(o_t) instead of CE of the mean output")
@@ -85,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "derivation) or without replacement, each example at most once and with "
                         "probability (1 - r) N p_i (default: without; bench.py measures about 4x "
                         "lower variance of the epoch's gradient estimate at r = 0.3)")
+    p.add_argument("--smoothing", type=float, default=0.0,
+                   help="sadp/ann: exponential moving average of each example's score across "
+                        "visits, weight of the old score in [0, 1) (default 0: newest score)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="sadp/ann/uniform: how the pruning ratio varies over epochs at the same "
+                        "total budget (1 - r) N E: constant (default); warmup (first epoch on all "
+                        "data, when no scores exist yet); anneal (also the last 12.5%% of epochs "
+                        "on all data, as InfoBatch does), the other epochs pruned harder")
+    p.add_argument("--lr-scale", choices=("none", "gain"), default="none",
+                   help="sadp/ann: multiply each epoch's learning rate by the sampler's estimated "
+                        "variance reduction (Johnson & Guestrin, NeurIPS 2018), capped by "
+                        "--max-lr-scale (default none)")
+    p.add_argument("--max-lr-scale", type=float, default=2.0,
+                   help="cap of the --lr-scale gain factor (default 2)")
+    p.add_argument("--weight-power", type=float, default=1.0,
+                   help="sadp/ann: use w^beta instead of w = 1/(N p). 1 (default) keeps every "
+                        "minibatch gradient unbiased; beta < 1 is BIASED towards the high-score "
+                        "examples (0: no re-weighting at all, plain hard-example sampling)")
     p.add_argument("--exact-score", action="store_true",
                    help="sadp: exact head-gradient norm instead of the spike-aware bound")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -137,6 +159,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score!r}")
         if not (math.isfinite(args.initial_score) and args.initial_score > 0):
             parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score}")
+    if not 0.0 <= args.smoothing < 1.0:
+        parser.error(f"--smoothing must lie in [0, 1); got {args.smoothing}")
+    if not (math.isfinite(args.weight_power) and 0.0 <= args.weight_power <= 1.0):
+        parser.error(f"--weight-power must lie in [0, 1]; got {args.weight_power}")
+    if not (math.isfinite(args.max_lr_scale) and args.max_lr_scale >= 1.0):
+        parser.error(f"--max-lr-scale must be at least 1; got {args.max_lr_scale}")
+    if args.schedule != "constant":
+        if args.method in ("full", "infobatch"):
+            parser.error(f"--schedule applies to sadp, ann and uniform; {args.method} has its own")
+        try:
+            epoch_ratios(args.schedule, args.ratio, args.epochs)
+        except ValueError as e:
+            parser.error(str(e))
     if args.exact_score and args.method != "sadp":
         parser.error("--exact-score only applies to --method sadp")
     if args.device != "auto":
@@ -206,11 +241,28 @@ class InfoBatchSampler:
         self.scores = state["scores"].clone()
 
 
+def epoch_ratios(schedule: str, ratio: float, epochs: int) -> list[float]:
+    """Each epoch's pruning ratio under `schedule`, at the budget of a constant ratio: the
+    epochs keep sum_e (1 - r_e) = (1 - ratio) * epochs (up to rounding to whole examples)."""
+    if schedule == "constant" or ratio == 0.0:
+        return [ratio] * epochs
+    full = [0] if schedule == "warmup" else [0] + list(range(epochs - math.ceil(0.125 * epochs), epochs))
+    full = sorted(set(full))
+    rest = epochs - len(full)
+    keep = ((1.0 - ratio) * epochs - len(full)) / rest if rest else 0.0
+    if rest == 0 or not 0.0 < keep <= 1.0:
+        raise ValueError(f"--schedule {schedule} with --ratio {ratio} and --epochs {epochs} cannot "
+                         f"keep the budget: its {len(full)} full-data epoch(s) already use more than "
+                         f"(1 - r) * epochs = {(1 - ratio) * epochs:g} epochs of passes; lower the "
+                         f"ratio, raise --epochs or use --schedule constant")
+    return [0.0 if e in full else 1.0 - keep for e in range(epochs)]
+
+
 def make_sampler(args, num_examples, rank, world_size):
     if args.method in ("sadp", "ann", "full"):
         return SADPSampler(num_examples, args.ratio, seed=args.seed, epsilon=args.epsilon,
                            initial_score=args.initial_score, replacement=args.replacement,
-                           rank=rank, world_size=world_size)
+                           smoothing=args.smoothing, rank=rank, world_size=world_size)
     if args.method == "uniform":   # SADP with eps = 1 and no replacement: a plain random subset
         return SADPSampler(num_examples, args.ratio, seed=args.seed, epsilon=1.0, replacement=False,
                            rank=rank, world_size=world_size)
@@ -369,7 +421,8 @@ def run(args, dataset: datasets.Dataset | None = None, stats=None) -> dict:
                 dist.barrier()
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
     x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
-    norm = datasets.Normalizer(stats or args.data, device)
+    norm = datasets.make_normalizer(stats or args.data, device)
+    augment = not args.no_augment and x_train.dim() == 4   # images; mnist1d's signals get none
     N = len(x_train)
 
     model = models.build_model(args.model, dataset.num_classes, T=args.T,
@@ -407,8 +460,15 @@ def run(args, dataset: datasets.Dataset | None = None, stats=None) -> dict:
 
     wall_start = time.perf_counter()
     last_epoch = args.epochs if args.stop_after is None else args.stop_after
+    ratios = epoch_ratios(args.schedule, args.ratio, args.epochs)
     for epoch in range(start_epoch, last_epoch):
-        sampler.set_epoch(epoch)
+        if isinstance(sampler, SADPSampler):
+            sampler.set_epoch(epoch, ratios[epoch])
+        else:
+            sampler.set_epoch(epoch)
+        lr = args.lr
+        if args.lr_scale == "gain" and args.method in ("sadp", "ann"):
+            lr = args.lr * min(sampler.variance_gain(), args.max_lr_scale)
         order = torch.tensor(list(sampler), dtype=torch.long)
         batches = order.split(local_batch)
         # Per-step quantities stay on the device; one sync at the end of the epoch.
@@ -421,12 +481,14 @@ def run(args, dataset: datasets.Dataset | None = None, stats=None) -> dict:
         t0 = time.perf_counter()
         for step, idx in enumerate(batches):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(args.lr, (epoch + step / len(batches)) / args.epochs)
+                group["lr"] = cosine_lr(lr, (epoch + step / len(batches)) / args.epochs)
             idx_dev = idx.to(device, non_blocking=True)
             xb = x_train[idx_dev]
-            xb = norm(xb if args.no_augment else datasets.augment(xb, generator=aug_gen))
+            xb = norm(datasets.augment(xb, generator=aug_gen) if augment else xb)
             yb = y_train[idx_dev]
             w = sampler.weights(idx).to(device, non_blocking=True)
+            if args.weight_power != 1.0:
+                w = w.pow(args.weight_power)          # biased unless the power is 1
             with amp_ctx():
                 train_model(xb)
             outputs, head_inputs = tap.pop()
@@ -528,7 +590,8 @@ def _synthetic_sizes(args) -> dict:
 _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_size", "lr", "momentum",
              "no_augment",
              "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
-             "initial_score", "replacement", "exact_score", "seed")
+             "initial_score", "replacement", "exact_score", "seed", "smoothing", "schedule",
+             "lr_scale", "max_lr_scale", "weight_power")
 
 
 def _args_dict(args) -> dict:
