@@ -14,6 +14,12 @@ Sections (each prints a markdown table; all of them go to --out as JSON):
   lif       LIF forward+backward: eager vs compiled, and SpikingJelly / snnTorch when installed
   accuracy  full, uniform, infobatch, ann, sadp at r in {0.3, 0.5, 0.7}, several seeds, on the
             synthetic data set and on scikit-learn's digits (when scikit-learn is installed)
+  evidence  the paired comparison that decides whether SADP beats a random subset: MNIST-1D
+            (and the synthetic set), full / uniform / ann / sadp / InfoBatch at its nominal ratio
+            and at the ratio that matches the others' example-passes, r in {0.3, 0.5, 0.7}, the
+            same seeds for every method; then the method variants at r in {0.5, 0.7}. Runs go to
+            a pool of single-threaded worker processes; each finished run is appended to
+            --evidence-log, and a rerun with the same log skips the runs already there
   throughput  (GPU; skipped on a CPU unless --set throughput=true) images/s of a CIFAR-shaped
             training run of ResNet-19, T=4, bf16: compiled vs eager LIF, full vs sadp at r = 0.3
 
@@ -522,7 +528,204 @@ def bench_accuracy(cfg, results):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Training throughput (GPU)
+# 6. The evidence: paired seeds, matched budgets, MNIST-1D
+# ---------------------------------------------------------------------------------------------
+
+# Label -> train.py flags. The core methods run at every ratio; the variants (each one idea from
+# the evidence issue, as a train.py option) at the ratios where pruning costs accuracy.
+CORE = {"uniform": {"method": "uniform"}, "ann": {"method": "ann"}, "sadp": {"method": "sadp"},
+        "infobatch": {"method": "infobatch"}}
+VARIANTS = {
+    "sadp-iid": {"method": "sadp", "replacement": True},          # the i.i.d. draw as derived
+    "sadp-ema": {"method": "sadp", "smoothing": 0.5},             # smoothed scores
+    "sadp-warmup": {"method": "sadp", "schedule": "warmup"},      # epoch 1 on all data
+    "sadp-anneal": {"method": "sadp", "schedule": "anneal"},      # + last 12.5% on all data
+    "uniform-anneal": {"method": "uniform", "schedule": "anneal"},  # the schedule without scores
+    "sadp-lr": {"method": "sadp", "lr_scale": "gain"},            # lr x estimated variance gain
+    "sadp-w0.5": {"method": "sadp", "weight_power": 0.5},         # BIASED: w^0.5
+}
+# t quantiles (0.975) for a 95% confidence interval of a mean of n paired differences, df = n - 1
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}
+
+
+def t975(df: int) -> float:
+    return _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]
+
+
+def evidence_sets(cfg) -> dict:
+    """name -> train.py flags of the data set's recipe (the network, epochs, batch)."""
+    sets = {"mnist1d": {"data": "mnist1d", "model": "conv1d", "epochs": cfg["ev_epochs"],
+                        "batch_size": 128}}
+    if cfg["ev_synthetic_seeds"]:
+        sets["synthetic"] = {"data": "synthetic", "model": "convnet", "epochs": cfg["epochs_acc"],
+                             "batch_size": 128, "train_size": cfg["acc_train"], "test_size": cfg["acc_test"]}
+    return sets
+
+
+_WORKER_DATA = {}
+
+
+def _evidence_worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _evidence_run(job: dict) -> dict:
+    """One training run in a worker process; the data set is loaded once per worker."""
+    flags = dict(job["flags"])
+    key = (flags["data"], flags.get("train_size"), flags.get("test_size"), job["seed"])
+    if flags["data"] == "synthetic":
+        key = key[:3] + (0,)                   # the same synthetic set for every seed
+    if key not in _WORKER_DATA:
+        _WORKER_DATA.clear()
+        _WORKER_DATA[key] = data.load_dataset(
+            flags["data"], seed=0, **({"num_train": flags["train_size"], "num_test": flags["test_size"]}
+                                      if flags["data"] == "synthetic" else {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--quiet", "--device", "cpu", "--no-compile", "--out", os.path.join(tmp, "run"),
+                "--seed", str(job["seed"])]
+        for k, v in flags.items():
+            if v is True:
+                argv.append(f"--{k.replace('_', '-')}")
+            elif v is not False and v is not None:
+                argv += [f"--{k.replace('_', '-')}", str(v)]
+        s = train.run(train.parse_args(argv), dataset=_WORKER_DATA[key], stats=flags["data"])
+    return {**{k: job[k] for k in ("set", "label", "ratio", "seed")}, "nominal_ratio": job.get("nominal_ratio"),
+            "final": s["final_test_acc"] * 100, "best": s["best_test_acc"] * 100,
+            "pass_fraction": s["pass_fraction"], "train_seconds": s["train_seconds"],
+            "curve": [(r["examples"], r["test_acc"] * 100) for r in s["history"]]}
+
+
+def _evidence_jobs(cfg, name, recipe, seeds, labels, ratios) -> list[dict]:
+    jobs = [{"set": name, "label": "full", "ratio": 0.0, "seed": s,
+             "flags": dict(recipe, method="full")} for s in seeds]
+    for r in ratios:
+        for label in labels:
+            flags = dict(recipe, **(CORE.get(label) or VARIANTS[label]), ratio=r)
+            jobs += [{"set": name, "label": label, "ratio": r, "seed": s, "flags": flags} for s in seeds]
+    return jobs
+
+
+def bench_evidence(cfg, results):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    log = cfg["ev_log"]
+    done = {}
+    if log and os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                run = json.loads(line)
+                done[(run["set"], run["label"], run["ratio"], run["seed"])] = run
+    jobs = []
+    for name, recipe in evidence_sets(cfg).items():
+        seeds = range(cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"])
+        jobs += _evidence_jobs(cfg, name, recipe, seeds, list(CORE), cfg["ev_ratios"])
+        if name == "mnist1d":
+            jobs += [j for j in _evidence_jobs(cfg, name, recipe, seeds, list(VARIANTS), cfg["ev_variant_ratios"])
+                     if j["label"] != "full"]
+    runs = [done[k] for k in done]
+    todo = [j for j in jobs if (j["set"], j["label"], j["ratio"], j["seed"]) not in done]
+    order = {"infobatch": 0}                      # InfoBatch first: the matched ratio needs it
+    todo.sort(key=lambda j: (j["set"] != "mnist1d", order.get(j["label"], 1)))
+    print(f"  [evidence] {len(runs)} runs in the log, {len(todo)} to go, {cfg['ev_workers']} workers",
+          file=sys.stderr, flush=True)
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(cfg["ev_workers"], mp_context=ctx, initializer=_evidence_worker_init,
+                                initargs=(cfg["ev_threads"],)) as pool:
+        pending = {pool.submit(_evidence_run, j): j for j in todo}
+        matched_sent = set()
+        while pending:
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                job = pending.pop(fut)
+                run = fut.result()
+                runs.append(run)
+                if log:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(run) + "\n")
+                print(f"  [evidence] {run['set']} {run['label']} r={run['ratio']} seed {run['seed']}: "
+                      f"{run['final']:.1f}% at {run['pass_fraction']:.3f} of the passes "
+                      f"({len(runs)} done, {len(pending)} queued)", file=sys.stderr, flush=True)
+            # InfoBatch at a ratio whose actual example-passes match the others': once its nominal
+            # runs at r are all in, solve pass_fraction = 1 - c r_ib for r_ib = r / c.
+            for name, recipe in evidence_sets(cfg).items():
+                seeds = list(range(cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"]))
+                for r in cfg["ev_ratios"]:
+                    nominal = [x for x in runs if x["set"] == name and x["label"] == "infobatch" and x["ratio"] == r]
+                    if (name, r) in matched_sent or len(nominal) < len(seeds):
+                        continue
+                    matched_sent.add((name, r))
+                    c = statistics.mean((1 - x["pass_fraction"]) / r for x in nominal)
+                    r_ib = min(round(r / c, 3), cfg["ev_max_infobatch_ratio"])
+                    for s in seeds:
+                        if (name, "infobatch-matched", r, s) in done:
+                            continue
+                        job = {"set": name, "label": "infobatch-matched", "ratio": r, "seed": s,
+                               "nominal_ratio": r_ib, "flags": dict(recipe, method="infobatch", ratio=r_ib)}
+                        pending[pool.submit(_evidence_run, job)] = job
+    results["evidence"] = summarise_evidence(runs)
+
+
+def summarise_evidence(runs: list[dict]) -> dict:
+    """Tables: mean ± sd, paired differences to uniform with 95% CIs, passes to reach full - 0.5 pp."""
+    out = {}
+    for name in sorted({r["set"] for r in runs}):
+        sel = [r for r in runs if r["set"] == name]
+        full = [r for r in sel if r["label"] == "full"]
+        target = statistics.mean(r["final"] for r in full) - 0.5
+        labels = ["full", *CORE, "infobatch-matched", *VARIANTS]
+        keys = sorted({(r["ratio"], r["label"]) for r in sel}, key=lambda k: (k[0], labels.index(k[1])))
+        rows, summary = [], []
+        for ratio, label in keys:
+            group = sorted((r for r in sel if r["label"] == label and r["ratio"] == ratio), key=lambda r: r["seed"])
+            final = [r["final"] for r in group]
+            sd = statistics.stdev(final) if len(final) > 1 else 0.0
+            base = {r["seed"]: r["final"] for r in sel if r["label"] == "uniform" and r["ratio"] == ratio}
+            diffs = [r["final"] - base[r["seed"]] for r in group if r["seed"] in base]
+            if label not in ("uniform", "full") and len(diffs) > 1:
+                m, s = statistics.mean(diffs), statistics.stdev(diffs)
+                half = t975(len(diffs) - 1) * s / math.sqrt(len(diffs))
+                diff = f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+            else:
+                m = half = None
+                diff = ""
+            reach = []
+            for r in group:      # example-passes (in full epochs) until test accuracy >= target
+                total, hit = 0, None
+                for examples, acc in r["curve"]:
+                    total += examples
+                    if acc >= target:
+                        hit = total
+                        break
+                reach.append(hit)
+            hits = sorted(h for h in reach if h is not None)
+            n_full = full[0]["curve"][0][0]
+            reach_txt = (f"{statistics.median(hits) / n_full:.1f} ({len(hits)}/{len(group)})" if hits
+                         else f"never (0/{len(group)})")
+            nominal = group[0].get("nominal_ratio")
+            rows.append([label if nominal is None else f"{label} (r_ib = {nominal})", ratio,
+                         f"{statistics.mean(final):.2f} ± {sd:.2f}", diff,
+                         round(statistics.mean(r["pass_fraction"] for r in group), 3), reach_txt])
+            summary.append({"label": label, "ratio": ratio, "nominal_ratio": nominal, "final": final,
+                            "seeds": [r["seed"] for r in group], "diff_to_uniform": m, "ci_half": half,
+                            "pass_fraction": [r["pass_fraction"] for r in group],
+                            "passes_to_target": reach,
+                            "curve": [statistics.mean(c) for c in zip(*[[a for _, a in r["curve"]] for r in group])],
+                            "curve_passes": [sum(e for e, _ in group[0]["curve"][:i + 1]) / n_full
+                                             for i in range(len(group[0]["curve"]))]})
+        seeds = len(full)
+        table(f"Paired comparison at matched budgets, {name} ({seeds} seeds, the same for every method; "
+              f"final test accuracy mean ± sd, %; difference to uniform at the same ratio and seed, "
+              f"mean [95% CI]; full-data epochs of example-passes until test accuracy first reaches "
+              f"full data's final - 0.5 pp = {target:.2f}%, median over the seeds that reach it)",
+              ["method", "ratio", "final test acc", "minus uniform (pp)", "example-passes / full",
+               "passes to target"], rows)
+        out[name] = {"target": target, "rows": summary}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Training throughput (GPU)
 # ---------------------------------------------------------------------------------------------
 
 def bench_throughput(cfg, results):
@@ -595,6 +798,28 @@ def plot(results, directory):
                         marker="o", capsize=3, label=method)
         save(fig, ax, "pruning ratio r", "final test accuracy (%)",
              f"{name}: accuracy vs pruning ratio", f"accuracy_{name}.png")
+    for name, ev in results.get("evidence", {}).items():
+        rows = ev["rows"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        full = next(r for r in rows if r["label"] == "full")
+        ax.axhline(statistics.mean(full["final"]), color="k", ls="--", label="full data")
+        for label in ("uniform", "ann", "sadp", "infobatch", "infobatch-matched"):
+            sel = [r for r in rows if r["label"] == label]
+            if sel:
+                ax.errorbar([r["ratio"] for r in sel], [statistics.mean(r["final"]) for r in sel],
+                            yerr=[statistics.stdev(r["final"]) if len(r["final"]) > 1 else 0 for r in sel],
+                            marker="o", capsize=3, label=label)
+        save(fig, ax, "pruning ratio r", "final test accuracy (%, mean ± sd)",
+             f"{name}: accuracy at matched budgets", f"evidence_{name}.png")
+        ratio = max(r["ratio"] for r in rows)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for r in [full] + [r for r in rows if r["ratio"] == ratio and r["label"] in
+                           ("uniform", "sadp", "ann", "infobatch-matched", "sadp-anneal", "sadp-w0.5")]:
+            ax.plot(r["curve_passes"], r["curve"], label=r["label"], lw=1.2)
+        ax.axhline(ev["target"], color="k", ls=":", lw=0.8, label="full - 0.5 pp")
+        ax.set_ylim(max(0, ev["target"] - 30), ev["target"] + 3)
+        save(fig, ax, "example-passes (full-data epochs)", "test accuracy (%, mean over seeds)",
+             f"{name}: accuracy vs example-passes (r = {ratio})", f"evidence_passes_{name}.png")
     for name, snaps in results.get("variance", {}).items():
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for sname in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
@@ -611,7 +836,8 @@ def plot(results, directory):
 # ---------------------------------------------------------------------------------------------
 
 SECTIONS = {"speedup": bench_speedup, "overhead": bench_overhead, "variance": bench_variance,
-            "lif": bench_lif, "accuracy": bench_accuracy, "throughput": bench_throughput}
+            "lif": bench_lif, "accuracy": bench_accuracy, "evidence": bench_evidence,
+            "throughput": bench_throughput}
 
 
 def config(quick: bool, device: str, compile_: bool) -> dict:
@@ -630,6 +856,9 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "acc_train": 2000 if quick else 4000, "acc_test": 1000 if quick else 2000,
         "epochs_acc": 3 if quick else 10, "epochs_digits": 6 if quick else 30,
         "acc_ratios": [0.3] if quick else [0.3, 0.5, 0.7], "seeds": 1 if quick else 3,
+        "ev_epochs": 8 if quick else 40, "ev_seeds": 2 if quick else 8, "ev_synthetic_seeds": 0 if quick else 5,
+        "ev_ratios": [0.5] if quick else [0.3, 0.5, 0.7], "ev_variant_ratios": [0.5] if quick else [0.5, 0.7],
+        "ev_workers": 2, "ev_threads": 1, "ev_log": None, "ev_max_infobatch_ratio": 0.95,
         "throughput": gpu, "tp_model": "resnet19" if gpu else "convnet",
         "tp_train": 2000 if quick else 10000, "tp_reps": 2 if quick else 3,
     }
@@ -643,6 +872,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="eager LIF everywhere")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     p.add_argument("--plot", default=None, help="with matplotlib: draw figures into this directory")
+    p.add_argument("--evidence-log", default=None,
+                   help="evidence section: append each finished run here (JSON lines) and skip the "
+                        "runs already in it, so an interrupted sweep continues where it stopped")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a config entry, e.g. --set seeds=5 --set 'acc_ratios=[0.5]'")
     args = p.parse_args(argv)
@@ -651,6 +883,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     cfg = config(args.quick, args.device, not args.no_compile)
+    cfg["ev_log"] = args.evidence_log
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in cfg:

@@ -1,8 +1,8 @@
 """Spiking neural networks for image classification, in one file.
 
 A leaky integrate-and-fire (LIF) neuron with surrogate gradients, and the networks built from
-it: the spiking ResNet-19 used for CIFAR in the SNN literature, and a spiking VGG, whose small
-configuration "convnet" serves tests and smoke runs on a CPU.
+it: the spiking ResNet-19 used for CIFAR in the SNN literature, a spiking VGG, whose small
+configuration "convnet" serves tests and smoke runs on a CPU, and a 1-D ConvNet for MNIST-1D.
 
 Layout is time-first, as in SpikingJelly's multi-step mode: activations are [T, B, ...] with
 T timesteps and B examples. Only the neuron loops over T. Stateless layers (conv, BN, pooling)
@@ -47,6 +47,7 @@ __all__ = [
     "MultiStep",
     "SpikingResNet19",
     "SpikingVGG",
+    "SpikingConv1d",
     "set_compile",
 ]
 
@@ -64,9 +65,10 @@ __all__ = [
 # Why an autograd.Function and not the "detach trick" H(x) + (g(x) - g(x).detach()): on torch
 # 2.13 both trace into a single graph with no graph break, but the detach trick computes the
 # surrogate in the forward pass too, and when this was written the compiled loop with it ran
-# about as slow as the eager loop on a CPU, while the Function keeps only u for the backward pass. Keeping alpha out of the Function (no non-tensor state on ctx)
-# also matters: a Function whose backward reads a Python float from ctx crashed dynamo once that
-# float became symbolic (after a change of alpha, or with dynamic=True).
+# about as slow as the eager loop on a CPU, while the Function keeps only u for the backward
+# pass. Keeping alpha out of the Function (no non-tensor state on ctx) also matters: a Function
+# whose backward reads a Python float from ctx crashed dynamo once that float became symbolic
+# (after a change of alpha, or with dynamic=True).
 
 class _Spike(torch.autograd.Function):
     """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
@@ -263,7 +265,9 @@ def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1) -> lis
 
 
 class SpikingNet(nn.Module):
-    """What the three networks share: T, direct encoding, weight init and spike_rate()."""
+    """What the networks share: T, direct encoding, weight init and spike_rate()."""
+
+    input_dims = 4   # [B, C, H, W]; the 1-D network takes [B, C, L]
 
     def __init__(self, T: int):
         super().__init__()
@@ -276,15 +280,16 @@ class SpikingNet(nn.Module):
 
         The stem's output is the same at every step, so computing it T times would be waste.
         """
-        if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects images shaped [B, C, H, W]; got "
+        if x.dim() != self.input_dims:
+            layout = "images shaped [B, C, H, W]" if self.input_dims == 4 else "signals shaped [B, C, L]"
+            raise ValueError(f"{type(self).__name__} expects {layout}; got "
                              f"{list(x.shape)}. Time is added inside the model (T={self.T}).")
         x = stem(x)
         return x.unsqueeze(0).expand(self.T, *x.shape)
 
     def init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
@@ -415,6 +420,44 @@ class SpikingVGG(SpikingNet):
         return self.classifier(x.mean(dim=(-2, -1)))    # [T, B, num_classes]
 
 
+class SpikingConv1d(SpikingNet):
+    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]; about 17k parameters).
+
+        Conv1d 1->32 k5 + BN + LIF                         [T, B, 32, 40]
+        Conv1d 32->32 k3 stride 2 + BN + LIF, twice        [T, B, 32, 10]
+        flatten, classifier                                [T, B, 320] -> [T, B, num_classes]
+
+    The head reads the flattened binary spikes of the last layer, so ||h_t||^2 is exactly that
+    step's spike count: the case the spike-aware score is derived for.
+
+    forward(x [B, C, L]) -> per-timestep logits [T, B, num_classes].
+    """
+
+    input_dims = 3
+
+    def __init__(self, num_classes: int, T: int = 4, length: int = 40, in_channels: int = 1,
+                 width: int = 32, compile: bool = True, **neuron):
+        super().__init__(T)
+        neuron = dict(neuron, compile=compile)
+
+        def conv_bn_1d(c_in, c_out, k, stride=1):
+            return [nn.Conv1d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.BatchNorm1d(c_out)]
+
+        self.stem = nn.Sequential(*conv_bn_1d(in_channels, width, 5))
+        self.features = nn.Sequential(
+            LIF(**neuron),
+            MultiStep(*conv_bn_1d(width, width, 3, 2)), LIF(**neuron),
+            MultiStep(*conv_bn_1d(width, width, 3, 2)), LIF(**neuron))
+        out_length = (length + 1) // 2
+        out_length = (out_length + 1) // 2
+        self.classifier = nn.Linear(width * out_length, num_classes)
+        self.init_weights()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(self.encode(x, self.stem))   # [T, B, width, L/4] binary spikes
+        return self.classifier(x.flatten(2))            # [T, B, num_classes]
+
+
 # ---------------------------------------------------------------------------------------------
 # Factory
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +466,7 @@ _BUILDERS = {
     "resnet19": SpikingResNet19,
     "vgg11": SpikingVGG,
     "convnet": functools.partial(SpikingVGG, cfg=CONVNET),
+    "conv1d": SpikingConv1d,
 }
 MODELS = tuple(_BUILDERS)
 

@@ -45,10 +45,12 @@ distribution (one-hot, or label-smoothed).
 4. With or without replacement. m i.i.d. draws (replacement=True) are the derivation above
    as written, but at r = 0.3 they reach only 1 - e^(-0.7) = 50% of the examples. The default
    draws m distinct examples instead, example i with probability pi_i = m p_i (systematic
-   sampling; where m p_i would exceed 1 the example is taken for sure and p is rescaled).
-   Every position of the epoch is still an unbiased draw, E[w g] = sum_i (pi_i / m) g_i /
-   (N p_i) = (1/N) sum_i g_i, and the variance of the epoch's summed gradient falls by the
-   finite-population correction and more (bench.py's variance section measures it).
+   sampling; where m p_i would exceed 1 the example is taken for sure and p is rescaled), and
+   shuffles them. Every position of the epoch then holds example i with probability
+   pi_i / m = p_i, so every minibatch is still unbiased, E[w g] = sum_i p_i g_i / (N p_i) =
+   (1/N) sum_i g_i (the positions are dependent: no example appears twice), and the variance
+   of the epoch's summed gradient falls by the finite-population correction and more
+   (bench.py's variance section measures it).
 
 Integration (the dataset also returns each example's index; `WithIndex` wraps any dataset):
 
@@ -204,6 +206,9 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             (neutral), "max" (unseen examples are drawn early), or a positive number.
         replacement: False (default): m distinct examples, inclusion probabilities m p.
             True: m i.i.d. draws from p.
+        smoothing: beta in [0, 1): an example's score becomes beta * old + (1 - beta) * new
+            when it is scored again (an exponential moving average; 0 keeps the newest score).
+            It smooths the noise of single-batch scores; it does not make them fresher.
         rank, world_size: this process's place in a distributed run (default: from
             torch.distributed when initialised, else one process). Every rank draws the same
             sample and keeps every world_size-th index; the draw is padded with extra i.i.d.
@@ -213,9 +218,9 @@ class SADPSampler(torch.utils.data.Sampler[int]):
 
     def __init__(self, num_examples: int, ratio: float, *, seed: int = 0,
                  epsilon: float = 0.1, initial_score: float | str = "mean",
-                 replacement: bool = False,
+                 replacement: bool = False, smoothing: float = 0.0,
                  rank: int | None = None, world_size: int | None = None):
-        _check_sampler_settings(num_examples, ratio, epsilon, initial_score)
+        _check_sampler_settings(num_examples, ratio, epsilon, initial_score, smoothing)
         self.num_examples = num_examples
         self.ratio = float(ratio)
         self.num_draws = round((1.0 - self.ratio) * num_examples)   # m
@@ -223,10 +228,12 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         self.epsilon = float(epsilon)
         self.initial_score = initial_score
         self.replacement = bool(replacement)
+        self.smoothing = float(smoothing)
         self.rank, self.world_size = _dist_place(rank, world_size)
         self.scores = torch.zeros(num_examples, dtype=torch.float64)  # S (valid where seen)
         self.seen = torch.zeros(num_examples, dtype=torch.bool)
         self.epoch = None                 # the epoch whose draw is frozen below
+        self.epoch_ratio = self.ratio     # this epoch's pruning ratio (see set_epoch)
         self.probabilities = None         # p, float64 [N], sums to 1
         self._draw = None                 # this epoch's indices, all ranks [m_padded]
 
@@ -246,12 +253,21 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         S[~self.seen] = fill
         return S
 
-    def set_epoch(self, epoch: int) -> None:
-        """Freeze this epoch's p from the score table and draw its indices."""
-        N, m = self.num_examples, self.num_draws
+    def set_epoch(self, epoch: int, ratio: float | None = None) -> None:
+        """Freeze this epoch's p from the score table and draw its indices.
+
+        ratio: this epoch's pruning ratio, for a schedule that varies it over the run
+        (default: the sampler's). 0 is a plain full-data epoch (a permutation, weights 1).
+        """
+        N = self.num_examples
+        ratio = self.ratio if ratio is None else float(ratio)
+        m = round((1.0 - ratio) * N)
+        if not 0.0 <= ratio < 1.0 or m < 1:
+            raise ValueError(f"set_epoch: ratio must lie in [0, 1) and leave at least one example "
+                             f"of {N}; got {ratio!r}.")
         gen = torch.Generator().manual_seed(_seed_for(self.seed, epoch))
         m_padded = -(-m // self.world_size) * self.world_size
-        if self.ratio == 0.0:
+        if ratio == 0.0:
             p = torch.full((N,), 1.0 / N, dtype=torch.float64)
             draw = torch.randperm(N, generator=gen)
             draw = torch.cat([draw, draw[: m_padded - N]])  # wrap around to a multiple of world_size
@@ -270,6 +286,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
             # the union of the ranks' shares starts with exactly the single-process draw.
             draw = torch.cat([draw, _draw_iid(p, m_padded - m, gen)])
         self.epoch = int(epoch)
+        self.epoch_ratio = ratio
         self.probabilities = p
         self._draw = draw
 
@@ -278,14 +295,15 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         return iter(self._draw[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
-        return -(-self.num_draws // self.world_size)    # this rank's share
+        m = self.num_draws if self._draw is None else round((1.0 - self.epoch_ratio) * self.num_examples)
+        return -(-m // self.world_size)    # this rank's share
 
     def weights(self, indices: Tensor | Sequence[int]) -> Tensor:
         """w_i = 1 / (N p_i) under this epoch's frozen p (float32, on the indices' device)."""
         _check_epoch_set(self)
         idx = torch.as_tensor(indices)
         w = 1.0 / (self.num_examples * self.probabilities[idx.cpu().long()])
-        if self.ratio == 0.0:
+        if self.epoch_ratio == 0.0:
             w = torch.ones_like(w)        # exactly 1, not 1 +- rounding
         return w.float().to(idx.device)
 
@@ -305,24 +323,45 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         if idx.numel() == 0:
             return
         _check_update(idx, s, self.num_examples)
+        if self.smoothing > 0.0:
+            old = torch.where(self.seen[idx], self.scores[idx], s)
+            s = self.smoothing * old + (1.0 - self.smoothing) * s
         self.scores[idx] = s
         self.seen[idx] = True
 
+    def variance_gain(self) -> float:
+        """The estimated factor by which this epoch's p lowers the gradient's second moment
+        against uniform sampling, reading the scores S as gradient norms:
+
+            gain = E_uniform ||g||^2 / E_p ||w g||^2 = (1/N) sum_i S_i^2 / ((1/N^2) sum_i S_i^2 / p_i)
+
+        1 for uniform p, N sum S^2 / (sum S)^2 >= 1 for p proportional to S. Johnson & Guestrin
+        (NeurIPS 2018) raise the learning rate by such a gain: an estimate with less variance
+        acts like a larger batch. For draws without replacement it is a lower bound.
+        """
+        _check_epoch_set(self)
+        S = self._filled_scores()
+        if not bool(S.any()):
+            return 1.0
+        S2 = (S / S.max()).square()           # scaled: the ratio is scale-free, no overflow
+        return float(self.num_examples * S2.sum() / (S2 / self.probabilities).sum())
+
     # -- exact resume: the score table and the frozen epoch ------------------------------------
 
-    _SETTINGS = ("num_examples", "ratio", "seed", "epsilon", "replacement")
+    _SETTINGS = ("num_examples", "ratio", "seed", "epsilon", "replacement", "smoothing")
 
     def state_dict(self) -> dict:
         clone = lambda t: None if t is None else t.clone()
         return {**{k: getattr(self, k) for k in self._SETTINGS},
                 "scores": self.scores.clone(), "seen": self.seen.clone(), "epoch": self.epoch,
+                "epoch_ratio": self.epoch_ratio,
                 "probabilities": clone(self.probabilities), "draw": clone(self._draw)}
 
     def load_state_dict(self, state: dict) -> None:
         _check_same_sampler(self, state)
         clone = lambda t: None if t is None else t.clone()
         self.scores, self.seen = state["scores"].clone().double(), state["seen"].clone().bool()
-        self.epoch = state["epoch"]
+        self.epoch, self.epoch_ratio = state["epoch"], state["epoch_ratio"]
         self.probabilities, self._draw = clone(state["probabilities"]), clone(state["draw"])
 
 
@@ -354,14 +393,21 @@ def _draw_systematic(pi: Tensor, gen: torch.Generator) -> Tensor:
     Systematic sampling on a random order: lay the pi_i end to end (total length m) in a random
     permutation and take the examples under the points u, u + 1, ..., u + m - 1 for one
     u ~ U[0, 1). An interval of length pi_i <= 1 holds at most one point, and holds one with
-    probability pi_i. The selected examples come out in the random permutation's order.
+    probability pi_i.
+
+    The selected set then gets an order of its own, an independent random permutation. Left in
+    the systematic order, an example's place would depend on its pi (a sure example is spread
+    evenly over the epoch, a rare one is not), so a given position of the epoch would not be
+    drawn from p. Shuffled, every position j holds example i with probability pi_i / m = p_i:
+    each minibatch, not only the epoch, is an unbiased draw.
     """
     order = torch.randperm(len(pi), generator=gen)
     ends = pi[order].cumsum(0)
     m = round(float(ends[-1]))
     ends = ends * (m / ends[-1])
     points = torch.rand(1, generator=gen, dtype=torch.float64) + torch.arange(m, dtype=torch.float64)
-    return order[torch.searchsorted(ends, points, right=True).clamp_max(len(pi) - 1)]
+    chosen = order[torch.searchsorted(ends, points, right=True).clamp_max(len(pi) - 1)]
+    return chosen[torch.randperm(m, generator=gen)]
 
 
 def _seed_for(seed: int, epoch: int) -> int:
@@ -492,7 +538,7 @@ def _check_weights(weights: Tensor, B: int) -> None:
                          f"got {_shape(weights)}.")
 
 
-def _check_sampler_settings(num_examples, ratio, epsilon, initial_score) -> None:
+def _check_sampler_settings(num_examples, ratio, epsilon, initial_score, smoothing) -> None:
     if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"num_examples must be a positive int (the training-set size); got {num_examples!r}.")
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
@@ -507,6 +553,8 @@ def _check_sampler_settings(num_examples, ratio, epsilon, initial_score) -> None
     numeric = not isinstance(initial_score, str) and math.isfinite(initial_score) and initial_score > 0
     if initial_score not in ("mean", "max") and not numeric:
         raise ValueError(f"initial_score must be 'mean', 'max' or a positive number; got {initial_score!r}.")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must lie in [0, 1) (the weight of the old score); got {smoothing!r}.")
 
 
 def _check_epoch_set(sampler: SADPSampler) -> None:
@@ -532,7 +580,8 @@ def _check_same_sampler(sampler: SADPSampler, state: dict) -> None:
         if state[key] != getattr(sampler, key):
             raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has "
                              f"{getattr(sampler, key)!r}; resume with the same settings.")
-    padded = -(-sampler.num_draws // sampler.world_size) * sampler.world_size
+    m = round((1.0 - state["epoch_ratio"]) * sampler.num_examples)
+    padded = -(-m // sampler.world_size) * sampler.world_size
     if state["draw"] is not None and state["draw"].numel() != padded:
         raise ValueError("sampler state was saved with another world size; resume with the same one.")
 

@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import tarfile
+import warnings
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -499,3 +500,30 @@ def test_synthetic_is_learnable_but_not_trivial():
     chroma = (colour - colour.mean(dim=1, keepdim=True)).norm(dim=1)
     faint, strong = chroma.argsort()[:333], chroma.argsort()[-333:]
     assert correct[strong].mean() > correct[faint].mean() + 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST-1D (optional package; CI installs it)
+# ---------------------------------------------------------------------------------------------
+
+def test_mnist1d_is_the_published_split():
+    pytest.importorskip("mnist1d", reason="--data mnist1d needs `pip install mnist1d`")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # a hash mismatch would warn
+        ds = data.load_dataset("mnist1d")
+    assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert ds.num_classes == 10 and set(ds.y_train.unique().tolist()) == set(range(10))
+    assert abs(ds.x_train.mean()) < 0.01 and abs(ds.x_train.std() - 1) < 0.01   # standardised
+    x = torch.randn(2, 1, 40)
+    assert data.make_normalizer("mnist1d")(x) is x
+    with pytest.raises(ValueError, match="published 4000 / 1000"):
+        data.load_dataset("mnist1d", num_train=100)
+
+
+def test_mnist1d_without_the_package_names_the_install_command(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "mnist1d", None)    # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(data.DataError, match="pip install mnist1d"):
+        data.load_dataset("mnist1d")

@@ -187,12 +187,13 @@ def test_compiled_matches_eager():
 # Networks
 # ---------------------------------------------------------------------------------------------
 
-# name, input size, whether the classifier's input is binary at that size
-NETS = [("resnet19", 16, True), ("vgg11", 32, True), ("convnet", 32, False)]
+# name, input shape of one example, whether the classifier's input is binary at that size
+NETS = [("resnet19", (3, 16, 16), True), ("vgg11", (3, 32, 32), True),
+        ("convnet", (3, 32, 32), False), ("conv1d", (1, 40), True)]
 
 
-@pytest.mark.parametrize("name, hw, binary_head", NETS)
-def test_network_shapes_hook_and_backward(name, hw, binary_head):
+@pytest.mark.parametrize("name, shape, binary_head", NETS)
+def test_network_shapes_hook_and_backward(name, shape, binary_head):
     torch.manual_seed(0)
     T, B, C = 2, 4, 5
     model = build_model(name, num_classes=C, T=T, compile=False)
@@ -204,7 +205,7 @@ def test_network_shapes_hook_and_backward(name, hw, binary_head):
         if isinstance(m, LIF):
             m.register_forward_hook(lambda m, a, out: lif_out.append(out.detach()))
 
-    out = model(torch.randn(B, 3, hw, hw))
+    out = model(torch.randn(B, *shape))
     assert out.shape == (T, B, C)
     h = seen["h"]
     assert h.shape == (T, B, model.classifier.in_features)
@@ -244,7 +245,7 @@ def test_direct_encoding_runs_stem_once():
 
 
 def test_build_model():
-    assert set(MODELS) == {"resnet19", "vgg11", "convnet"}
+    assert set(MODELS) == {"resnet19", "vgg11", "convnet", "conv1d"}
     with pytest.raises(ValueError) as err:
         build_model("resnet18", num_classes=10)
     assert all(name in str(err.value) for name in MODELS)

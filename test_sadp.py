@@ -252,6 +252,77 @@ def test_without_replacement_draws_distinct_examples_with_inclusion_probability_
     torch.testing.assert_close(s.weights(torch.arange(N)).double(), 1 / (N * s.probabilities), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("replacement, world_size", [(True, 1), (False, 1), (False, 2), (True, 2)])
+def test_every_position_of_the_epoch_is_drawn_from_p(replacement, world_size):
+    """Unbiased *minibatches* need more than unbiased epochs: each position j of the epoch must
+    hold example i with probability p_i. Chi-square per position (first, middle, last; with two
+    ranks, each rank's first and the padded last) over many epochs. Catches the systematic
+    draw left in its own order, where a sure example's place depends on its inclusion
+    probability (epoch-average frequencies are right there, per-position ones are not)."""
+    N, ratio, epochs = 8, 0.375, 12000                 # m = 5: two ranks need one padded draw
+    S = torch.tensor([5.0, 1.0, 1.0, 1.0, 0.2, 0.2, 3.0, 0.5])
+    ranks = [SADPSampler(N, ratio, seed=3, epsilon=0.1, replacement=replacement,
+                         rank=r, world_size=world_size) for r in range(world_size)]
+    for s in ranks:
+        s.update(torch.arange(N), S)
+    # (rank, position in that rank's share): with 2 ranks, rank 1's last is the padding draw
+    where = [(0, 0), (0, 2), (0, 4)] if world_size == 1 else [(0, 0), (1, 0), (0, 2), (1, 2)]
+    counts = torch.zeros(len(where), N, dtype=torch.float64)
+    for e in range(epochs):
+        shares = []
+        for s in ranks:
+            s.set_epoch(e)
+            shares.append(list(s))
+        for k, (r, j) in enumerate(where):
+            counts[k, shares[r][j]] += 1
+    p = ranks[0].probabilities
+    crit = 40.52   # chi-square quantile 1 - 1e-6 at 7 degrees of freedom
+    for k in range(len(where)):
+        chi2 = float(((counts[k] - epochs * p) ** 2 / (epochs * p)).sum())
+        assert chi2 < crit, (where[k], chi2, (counts[k] / epochs).tolist(), p.tolist())
+
+
+def test_smoothing_is_an_exponential_moving_average_of_the_scores():
+    """beta * old + (1 - beta) * new for examples scored before, the new score for the others.
+    Catches the weights swapped, or the first score averaged with the table's zero."""
+    s = SADPSampler(4, 0.5, smoothing=0.75)
+    s.update(torch.tensor([0, 1]), torch.tensor([4.0, 8.0]))
+    s.update(torch.tensor([1, 2]), torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(s.scores, torch.tensor([4.0, 6.0, 2.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="smoothing"):
+        SADPSampler(4, 0.5, smoothing=1.0)
+
+
+def test_set_epoch_ratio_sets_that_epochs_budget_and_zero_is_full_data():
+    s = SADPSampler(100, 0.3, seed=1, replacement=False)
+    s.update(torch.arange(100), torch.rand(100) + 0.1)
+    s.set_epoch(0, ratio=0.0)
+    assert sorted(s) == list(range(100)) and torch.equal(s.weights(torch.arange(100)), torch.ones(100))
+    s.set_epoch(1, ratio=0.8)
+    assert len(s) == len(list(s)) == 20 and not torch.equal(s.weights(torch.arange(100)), torch.ones(100))
+    s.set_epoch(2)
+    assert len(list(s)) == 70
+    with pytest.raises(ValueError, match="ratio"):
+        s.set_epoch(3, ratio=1.0)
+
+
+def test_variance_gain_is_the_second_moment_ratio():
+    """gain = E_uniform ||g||^2 / E_p ||w g||^2 with ||g_i|| = S_i, written out as the two
+    expectations; 1 for uniform p. Catches a gain inverted or computed without the mix."""
+    N = 50
+    S = torch.rand(N, dtype=torch.float64) ** 3 + 0.01
+    s = SADPSampler(N, 0.5, epsilon=0.2)
+    s.set_epoch(0)
+    assert s.variance_gain() == pytest.approx(1.0)      # nothing seen: uniform p
+    s.update(torch.arange(N), S)
+    s.set_epoch(1)
+    p = s.probabilities
+    uniform = (S ** 2).mean()
+    weighted = (p * (S / (N * p)) ** 2).sum()
+    assert s.variance_gain() == pytest.approx(float(uniform / weighted), rel=1e-9)
+    assert s.variance_gain() > 1
+
+
 def test_uniform_without_replacement_is_a_plain_random_subset():
     s = SADPSampler(100, 0.3, epsilon=1.0, replacement=False)
     s.update(torch.arange(100), torch.rand(100))

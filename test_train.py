@@ -1,6 +1,7 @@
 """End-to-end tests of train.py on the synthetic data set (CPU, eager, seconds each)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -182,3 +183,34 @@ def test_offline_cifar_gives_the_hand_placement_message(tmp_path, capsys, monkey
     assert code == 2
     err = capsys.readouterr().err
     assert "cifar-10-python.tar.gz" in err and str(tmp_path) in err
+
+
+def test_mnist1d_end_to_end(tmp_path):
+    pytest.importorskip("mnist1d", reason="--data mnist1d needs `pip install mnist1d`")
+    args = train.parse_args(["--data", "mnist1d", "--model", "conv1d", "--device", "cpu",
+                             "--no-compile", "--epochs", "3", "--ratio", "0.5", "--quiet",
+                             "--out", str(tmp_path / "m1d")])
+    s = train.run(args)
+    assert s["pass_fraction"] == pytest.approx(0.5)
+    assert s["final_test_acc"] > 0.25                    # chance is 0.1; full data: ~0.45 here
+
+
+@pytest.mark.parametrize("schedule", ["constant", "warmup", "anneal"])
+@pytest.mark.parametrize("ratio, epochs", [(0.3, 8), (0.7, 40), (0.5, 9)])
+def test_schedules_keep_the_budget(schedule, ratio, epochs):
+    r = train.epoch_ratios(schedule, ratio, epochs)
+    assert len(r) == epochs and all(0 <= x < 1 for x in r)
+    assert sum(1 - x for x in r) == pytest.approx((1 - ratio) * epochs)
+    if schedule != "constant":
+        assert r[0] == 0.0                               # all data while no scores exist
+    if schedule == "anneal":
+        assert r[-1] == 0.0 and r.count(0.0) == 1 + math.ceil(epochs / 8)
+
+
+def test_schedule_runs_at_the_budget_and_refuses_what_cannot_fit(tmp_path, capsys):
+    s = run(tmp_path, "--epochs", "3", "--schedule", "warmup", "--ratio", "0.5")
+    assert s["history"][0]["examples"] == 1000           # first epoch: all the data
+    assert abs(s["example_passes"] - 0.5 * s["full_data_passes"]) <= 3
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(SMALL + ["--epochs", "2", "--schedule", "anneal", "--ratio", "0.7"])
+    assert e.value.code == 2 and "cannot keep the budget" in capsys.readouterr().err

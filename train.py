@@ -44,6 +44,7 @@ from baselines import baseline_loss
 from sadp import HeadTap, SADPSampler, all_gather_cat, spike_aware_loss
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
+SCHEDULES = ("constant", "warmup", "anneal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=data.DATASETS, default="cifar10",
-                   help="data set (default cifar10; synthetic needs no download)")
+                   help="data set (default cifar10; synthetic needs no download; mnist1d needs "
+                        "`pip install mnist1d`)")
     p.add_argument("--data-dir", default="data", help="where data sets are cached (default ./data)")
     p.add_argument("--train-size", type=int, default=None,
                    help="synthetic only: training examples (default 10000)")
     p.add_argument("--test-size", type=int, default=None,
                    help="synthetic only: test examples (default 2000)")
     p.add_argument("--model", choices=models.MODELS, default="resnet19",
-                   help="network (default resnet19, the usual CIFAR SNN; convnet for CPU demos)")
+                   help="network (default resnet19, the usual CIFAR SNN; convnet for CPU demos; "
+                        "conv1d for mnist1d)")
     p.add_argument("--T", type=int, default=4, help="timesteps (default 4, as in tdBN/TET on CIFAR)")
     p.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
     p.add_argument("--batch-size", type=int, default=128,
@@ -70,27 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
     p.add_argument("--no-augment", action="store_true",
-                   help="no random crop + flip (on by default, as for CIFAR)")
+                   help="no random crop + flip (on by default for the image sets, as for CIFAR; "
+                        "mnist1d has none)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
     p.add_argument("--per-timestep", action="store_true",
                    help="TET-style loss: mean over t of CE(o_t) instead of CE of the mean output")
-    p.add_argument("--method", choices=METHODS, default="sadp",
-                   help="sadp (default); baselines: full data, uniform random subset, "
-                        "infobatch (Qin et al. ICLR 2024), ann (spike-blind logit-gradient score)")
-    p.add_argument("--ratio", type=float, default=None,
-                   help="pruning ratio r in [0, 1): fraction of example-passes saved per epoch "
-                        "(default 0.3; not used with --method full)")
-    p.add_argument("--epsilon", type=float, default=0.1,
-                   help="sadp/ann: uniform share of the sampling distribution (default 0.1)")
-    p.add_argument("--initial-score", default="mean",
-                   help="sadp/ann: score of not-yet-seen examples: mean, max or a number (default mean)")
-    p.add_argument("--replacement", action=argparse.BooleanOptionalAction, default=False,
-                   help="sadp/ann: draw the epoch i.i.d. from p (--replacement, as in the method's "
-                        "derivation) or without replacement, each example at most once and with "
-                        "probability (1 - r) N p_i (default: without; bench.py measures about 4x "
-                        "lower variance of the epoch's gradient estimate at r = 0.3)")
-    p.add_argument("--exact-score", action="store_true",
-                   help="sadp: exact head-gradient norm instead of the spike-aware bound")
+    add_method_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
@@ -109,14 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.method == "full":
-        if args.ratio not in (None, 0.0):
-            parser.error("--method full trains on all the data: drop --ratio (or pick a pruning method)")
-        args.ratio = 0.0
-    elif args.ratio is None:
-        args.ratio = 0.3
-    if not 0.0 <= args.ratio < 1.0:
-        parser.error(f"--ratio must lie in [0, 1) (the fraction of example-passes saved); got {args.ratio}")
     for name, low in (("T", 1), ("epochs", 1), ("batch_size", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
@@ -132,17 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--lr must be a positive number; got {args.lr}")
     if not 0.0 <= args.label_smoothing < 1.0:
         parser.error(f"--label-smoothing must lie in [0, 1); got {args.label_smoothing}")
-    if not 0.0 < args.epsilon <= 1.0:
-        parser.error(f"--epsilon must lie in (0, 1]; got {args.epsilon}")
-    if args.initial_score not in ("mean", "max"):
-        try:
-            args.initial_score = float(args.initial_score)
-        except ValueError:
-            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score!r}")
-        if not (math.isfinite(args.initial_score) and args.initial_score > 0):
-            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score}")
-    if args.exact_score and args.method != "sadp":
-        parser.error("--exact-score only applies to --method sadp")
+    check_method_args(parser, args)
     if args.device != "auto":
         try:
             device = torch.device(args.device)
@@ -156,15 +126,92 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """--method and its settings, the variants included."""
+    p.add_argument("--method", choices=METHODS, default="sadp",
+                   help="sadp (default); baselines: full data, uniform random subset, "
+                        "infobatch (Qin et al. ICLR 2024), ann (spike-blind logit-gradient score)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="pruning ratio r in [0, 1): fraction of example-passes saved per epoch "
+                        "(default 0.3; not used with --method full)")
+    p.add_argument("--epsilon", type=float, default=0.1,
+                   help="sadp/ann: uniform share of the sampling distribution (default 0.1)")
+    p.add_argument("--initial-score", default="mean",
+                   help="sadp/ann: score of not-yet-seen examples: mean, max or a number (default mean)")
+    p.add_argument("--replacement", action=argparse.BooleanOptionalAction, default=False,
+                   help="sadp/ann: draw the epoch i.i.d. from p (--replacement, as in the method's "
+                        "derivation) or without replacement, each example at most once and with "
+                        "probability (1 - r) N p_i (default: without; bench.py measures about 4x "
+                        "lower variance of the epoch's gradient estimate at r = 0.3)")
+    p.add_argument("--smoothing", type=float, default=0.0,
+                   help="sadp/ann: exponential moving average of each example's score across "
+                        "visits, weight of the old score in [0, 1) (default 0: newest score)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="sadp/ann/uniform: how the pruning ratio varies over epochs at the same "
+                        "total budget (1 - r) N E: constant (default); warmup (first epoch on all "
+                        "data, when no scores exist yet); anneal (also the last 12.5%% of epochs "
+                        "on all data, as InfoBatch does), the other epochs pruned harder")
+    p.add_argument("--lr-scale", choices=("none", "gain"), default="none",
+                   help="sadp/ann: multiply each epoch's learning rate by the sampler's estimated "
+                        "variance reduction (Johnson & Guestrin, NeurIPS 2018), capped by "
+                        "--max-lr-scale (default none)")
+    p.add_argument("--max-lr-scale", type=float, default=2.0,
+                   help="cap of the --lr-scale gain factor (default 2)")
+    p.add_argument("--weight-power", type=float, default=1.0,
+                   help="sadp/ann: use w^beta instead of w = 1/(N p). 1 (default) keeps every "
+                        "minibatch gradient unbiased; beta < 1 is BIASED towards the high-score "
+                        "examples (0: no re-weighting at all, plain hard-example sampling)")
+    p.add_argument("--exact-score", action="store_true",
+                   help="sadp: exact head-gradient norm instead of the spike-aware bound")
+
+
+def check_method_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--ratio's default, and errors (exit 2) for method settings out of range."""
+    if args.method == "full":
+        if args.ratio not in (None, 0.0):
+            parser.error("--method full trains on all the data: drop --ratio (or pick a pruning method)")
+        args.ratio = 0.0
+    elif args.ratio is None:
+        args.ratio = 0.3
+    if not 0.0 <= args.ratio < 1.0:
+        parser.error(f"--ratio must lie in [0, 1) (the fraction of example-passes saved); got {args.ratio}")
+    if not 0.0 < args.epsilon <= 1.0:
+        parser.error(f"--epsilon must lie in (0, 1]; got {args.epsilon}")
+    if args.initial_score not in ("mean", "max"):
+        try:
+            args.initial_score = float(args.initial_score)
+        except ValueError:
+            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score!r}")
+        if not (math.isfinite(args.initial_score) and args.initial_score > 0):
+            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score}")
+    if args.exact_score and args.method != "sadp":
+        parser.error("--exact-score only applies to --method sadp")
+    if not 0.0 <= args.smoothing < 1.0:
+        parser.error(f"--smoothing must lie in [0, 1); got {args.smoothing}")
+    if not (math.isfinite(args.weight_power) and 0.0 <= args.weight_power <= 1.0):
+        parser.error(f"--weight-power must lie in [0, 1]; got {args.weight_power}")
+    if not (math.isfinite(args.max_lr_scale) and args.max_lr_scale >= 1.0):
+        parser.error(f"--max-lr-scale must be at least 1; got {args.max_lr_scale}")
+    if args.schedule != "constant":
+        if args.method in ("full", "infobatch"):
+            parser.error(f"--schedule applies to sadp, ann and uniform; {args.method} has its own")
+        try:
+            epoch_ratios(args.schedule, args.ratio, args.epochs)
+        except ValueError as e:
+            parser.error(str(e))
+
+
 # ---------------------------------------------------------------------------------------------
 # The method, picked once: a sampler and a loss-and-score function
 # ---------------------------------------------------------------------------------------------
 
 class Method(NamedTuple):
-    """What --method decides. `sampler` (set_epoch, iter, weights, update, state_dict) picks each
-    epoch's examples and their weights; `loss(outputs, targets, head_inputs, weights)` returns
-    the minibatch loss and every example's score for the sampler's next epoch."""
+    """What --method decides, once. `sampler` (set_epoch, iter, weights, update, state_dict)
+    picks each epoch's examples and weights; `begin_epoch(epoch)` draws the epoch and returns
+    its learning-rate factor; `loss(outputs, targets, head_inputs, weights)` returns the
+    minibatch loss and every example's score for the sampler's next epoch."""
     sampler: object
+    begin_epoch: Callable
     loss: Callable
 
 
@@ -177,12 +224,43 @@ def make_method(args, num_examples: int, rank: int, world_size: int) -> Method:
         sampler = baselines.InfoBatchSampler(num_examples, args.ratio, args.epochs, **place)
     else:   # sadp; ann (the same sampler, a spike-blind score); full (ratio 0: all, weight 1)
         sampler = SADPSampler(num_examples, args.ratio, epsilon=args.epsilon, replacement=args.replacement,
-                              initial_score=args.initial_score, **place)
+                              initial_score=args.initial_score, smoothing=args.smoothing, **place)
+    ratios = epoch_ratios(args.schedule, args.ratio, args.epochs)
+
+    def begin_epoch(epoch: int) -> float:
+        if isinstance(sampler, SADPSampler):
+            sampler.set_epoch(epoch, ratios[epoch])
+        else:
+            sampler.set_epoch(epoch)
+        if args.lr_scale == "gain" and args.method in ("sadp", "ann"):
+            return min(sampler.variance_gain(), args.max_lr_scale)
+        return 1.0
+
     if args.method == "sadp":
         loss = functools.partial(spike_aware_loss, exact=args.exact_score, **readout)
     else:   # the loss score is what infobatch prunes by; full and uniform ignore scores
         loss = functools.partial(baseline_loss, kind="ann" if args.method == "ann" else "loss", **readout)
-    return Method(sampler, loss)
+    if args.weight_power != 1.0:    # w^beta: BIASED towards high-score examples unless beta = 1
+        unbiased = loss
+        loss = lambda outputs, y, h, w: unbiased(outputs, y, h, w.pow(args.weight_power))
+    return Method(sampler, begin_epoch, loss)
+
+
+def epoch_ratios(schedule: str, ratio: float, epochs: int) -> list[float]:
+    """Each epoch's pruning ratio under `schedule`, at the budget of a constant ratio: the
+    epochs keep sum_e (1 - r_e) = (1 - ratio) * epochs (up to rounding to whole examples)."""
+    if schedule == "constant" or ratio == 0.0:
+        return [ratio] * epochs
+    full = [0] if schedule == "warmup" else [0] + list(range(epochs - math.ceil(0.125 * epochs), epochs))
+    full = sorted(set(full))
+    rest = epochs - len(full)
+    keep = ((1.0 - ratio) * epochs - len(full)) / rest if rest else 0.0
+    if rest == 0 or not 0.0 < keep <= 1.0:
+        raise ValueError(f"--schedule {schedule} with --ratio {ratio} and --epochs {epochs} cannot "
+                         f"keep the budget: its {len(full)} full-data epoch(s) already use more than "
+                         f"(1 - r) * epochs = {(1 - ratio) * epochs:g} epochs of passes; lower the "
+                         f"ratio, raise --epochs or use --schedule constant")
+    return [0.0 if e in full else 1.0 - keep for e in range(epochs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +391,8 @@ def setup(args, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
         args=args, rank=rank, world_size=world_size, device=device, main=rank == 0,
         x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
         x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device),
-        norm=data.Normalizer(stats or args.data, device), model=model,
+        norm=data.make_normalizer(stats or args.data, device), model=model,
+        augment=not args.no_augment and dataset.x_train.dim() == 4,   # images; mnist1d's signals: none
         tap=HeadTap(model.classifier, T=args.T), train_model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                   nesterov=True, weight_decay=args.weight_decay),
@@ -338,7 +417,7 @@ def cosine_lr(base_lr: float, progress: float) -> float:
 def train_epoch(r, epoch: int) -> dict:
     """One epoch on the method's sample. Per-step numbers stay on the device: one sync at the end."""
     args, sampler, device = r.args, r.method.sampler, r.device
-    sampler.set_epoch(epoch)
+    lr = args.lr * r.method.begin_epoch(epoch)
     order = torch.tensor(list(sampler), dtype=torch.long)
     batches = order.split(r.local_batch)
     loss_sum, rate_sum = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -348,10 +427,10 @@ def train_epoch(r, epoch: int) -> dict:
     t0 = time.perf_counter()
     for step, idx in enumerate(batches):
         for group in r.optimizer.param_groups:
-            group["lr"] = cosine_lr(args.lr, (epoch + step / len(batches)) / args.epochs)
+            group["lr"] = cosine_lr(lr, (epoch + step / len(batches)) / args.epochs)
         idx_dev = idx.to(device, non_blocking=True)
         xb = r.x_train[idx_dev]
-        xb = r.norm(xb if args.no_augment else data.augment(xb, generator=r.aug_gen))
+        xb = r.norm(data.augment(xb, generator=r.aug_gen) if r.augment else xb)
         w = sampler.weights(idx).to(device, non_blocking=True)
         with r.amp_ctx():
             r.train_model(xb)
@@ -507,7 +586,8 @@ def _synthetic_sizes(args) -> dict:
 _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_size", "lr", "momentum",
              "no_augment",
              "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
-             "initial_score", "replacement", "exact_score", "seed")
+             "initial_score", "replacement", "exact_score", "seed", "smoothing", "schedule",
+             "lr_scale", "max_lr_scale", "weight_power")
 
 
 def _args_dict(args) -> dict:
