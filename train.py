@@ -563,6 +563,8 @@ def run(args, dataset: data.ArrayDataset | None = None, stats=None) -> dict:
         save(r)
     summary = summarise(r, time.perf_counter() - wall_start)
     r.tap.remove()
+    if r.world_size > 1:
+        dist.barrier()   # no rank tears down its process group while another still uses it
     return summary
 
 
