@@ -543,6 +543,10 @@ VARIANTS = {
     "uniform-anneal": {"method": "uniform", "schedule": "anneal"},  # the schedule without scores
     "sadp-lr": {"method": "sadp", "lr_scale": "gain"},            # lr x estimated variance gain
     "sadp-w0.5": {"method": "sadp", "weight_power": 0.5},         # BIASED: w^0.5
+    # Controls for sadp-lr: is it the scores, or only the larger step? The same lr x 2 cap.
+    "sadp-lr2": {"method": "sadp", "lr": 0.2},
+    "uniform-lr2": {"method": "uniform", "lr": 0.2},
+    "full-lr2": {"method": "full", "lr": 0.2},
 }
 # t quantiles (0.975) for a 95% confidence interval of a mean of n paired differences, df = n - 1
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -602,7 +606,12 @@ def _evidence_jobs(cfg, name, recipe, seeds, labels, ratios) -> list[dict]:
     for r in ratios:
         for label in labels:
             flags = dict(recipe, **(CORE.get(label) or VARIANTS[label]), ratio=r)
-            jobs += [{"set": name, "label": label, "ratio": r, "seed": s, "flags": flags} for s in seeds]
+            ratio = r
+            if flags["method"] == "full":               # one set of runs, at ratio 0
+                if r != ratios[0]:
+                    continue
+                flags["ratio"], ratio = None, 0.0
+            jobs += [{"set": name, "label": label, "ratio": ratio, "seed": s, "flags": flags} for s in seeds]
     return jobs
 
 
@@ -663,7 +672,8 @@ def bench_evidence(cfg, results):
                         job = {"set": name, "label": "infobatch-matched", "ratio": r, "seed": s,
                                "nominal_ratio": r_ib, "flags": dict(recipe, method="infobatch", ratio=r_ib)}
                         pending[pool.submit(_evidence_run, job)] = job
-    results["evidence"] = summarise_evidence(runs)
+    seeds = {name: cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"] for name in evidence_sets(cfg)}
+    results["evidence"] = summarise_evidence([r for r in runs if r["seed"] < seeds.get(r["set"], 0)])
 
 
 def summarise_evidence(runs: list[dict]) -> dict:
@@ -856,8 +866,8 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "acc_train": 2000 if quick else 4000, "acc_test": 1000 if quick else 2000,
         "epochs_acc": 3 if quick else 10, "epochs_digits": 6 if quick else 30,
         "acc_ratios": [0.3] if quick else [0.3, 0.5, 0.7], "seeds": 1 if quick else 3,
-        "ev_epochs": 8 if quick else 40, "ev_seeds": 2 if quick else 8, "ev_synthetic_seeds": 0 if quick else 5,
-        "ev_ratios": [0.5] if quick else [0.3, 0.5, 0.7], "ev_variant_ratios": [0.5] if quick else [0.5, 0.7],
+        "ev_epochs": 8 if quick else 40, "ev_seeds": 2 if quick else 5, "ev_synthetic_seeds": 0 if quick else 3,
+        "ev_ratios": [0.5] if quick else [0.3, 0.5, 0.7], "ev_variant_ratios": [0.5] if quick else [0.7, 0.5],
         "ev_workers": 2, "ev_threads": 1, "ev_log": None, "ev_max_infobatch_ratio": 0.95,
         "throughput": gpu, "tp_model": "resnet19" if gpu else "convnet",
         "tp_train": 2000 if quick else 10000, "tp_reps": 2 if quick else 3,

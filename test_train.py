@@ -214,3 +214,26 @@ def test_schedule_runs_at_the_budget_and_refuses_what_cannot_fit(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         train.parse_args(SMALL + ["--epochs", "2", "--schedule", "anneal", "--ratio", "0.7"])
     assert e.value.code == 2 and "cannot keep the budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["sadp", "uniform"])
+def test_lr_scale_budget_is_one_over_keep_and_gain_is_capped(method):
+    """budget: lr x 1 / (1 - r_e) for each epoch's own ratio (1 on full-data epochs of a
+    schedule); gain: the sampler's variance gain, between 1 and --max-lr-scale."""
+    args = train.parse_args(SMALL + ["--method", method, "--ratio", "0.6", "--lr-scale", "budget",
+                                     "--epochs", "9", "--schedule", "warmup"])
+    m = train.make_method(args, 1000, 0, 1)
+    assert m.begin_epoch(0) == 1.0                               # warmup: all data, r_0 = 0
+    keep = (0.4 * 9 - 1) / 8
+    assert m.begin_epoch(1) == pytest.approx(1 / keep)
+    args = train.parse_args(SMALL + ["--ratio", "0.6", "--lr-scale", "gain", "--max-lr-scale", "1.5"])
+    m = train.make_method(args, 1000, 0, 1)
+    m.sampler.update(torch.arange(1000), torch.rand(1000) ** 4)
+    assert 1.0 < m.begin_epoch(1) <= 1.5
+
+
+def test_lr_scale_refuses_methods_it_does_not_apply_to(capsys):
+    for flags in (["--method", "uniform", "--lr-scale", "gain"], ["--method", "infobatch", "--lr-scale", "budget"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(SMALL + flags)
+        assert e.value.code == 2 and "--lr-scale" in capsys.readouterr().err

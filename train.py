@@ -151,10 +151,12 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
                         "total budget (1 - r) N E: constant (default); warmup (first epoch on all "
                         "data, when no scores exist yet); anneal (also the last 12.5%% of epochs "
                         "on all data, as InfoBatch does), the other epochs pruned harder")
-    p.add_argument("--lr-scale", choices=("none", "gain"), default="none",
-                   help="sadp/ann: multiply each epoch's learning rate by the sampler's estimated "
-                        "variance reduction (Johnson & Guestrin, NeurIPS 2018), capped by "
-                        "--max-lr-scale (default none)")
+    p.add_argument("--lr-scale", choices=("none", "gain", "budget"), default="none",
+                   help="multiply each epoch's learning rate: gain (sadp/ann) by the sampler's "
+                        "estimated variance reduction (Johnson & Guestrin, NeurIPS 2018), capped "
+                        "by --max-lr-scale; budget (sadp/ann/uniform) by 1 / (1 - r), so that an "
+                        "epoch's summed update equals a full-data epoch's in expectation, as "
+                        "InfoBatch's 1 / (1 - r) rescaling does (default none)")
     p.add_argument("--max-lr-scale", type=float, default=2.0,
                    help="cap of the --lr-scale gain factor (default 2)")
     p.add_argument("--weight-power", type=float, default=1.0,
@@ -192,6 +194,9 @@ def check_method_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--weight-power must lie in [0, 1]; got {args.weight_power}")
     if not (math.isfinite(args.max_lr_scale) and args.max_lr_scale >= 1.0):
         parser.error(f"--max-lr-scale must be at least 1; got {args.max_lr_scale}")
+    scaled = {"gain": ("sadp", "ann"), "budget": ("sadp", "ann", "uniform")}.get(args.lr_scale)
+    if scaled and args.method not in scaled:
+        parser.error(f"--lr-scale {args.lr_scale} applies to {', '.join(scaled)}; not to {args.method}")
     if args.schedule != "constant":
         if args.method in ("full", "infobatch"):
             parser.error(f"--schedule applies to sadp, ann and uniform; {args.method} has its own")
@@ -234,6 +239,8 @@ def make_method(args, num_examples: int, rank: int, world_size: int) -> Method:
             sampler.set_epoch(epoch)
         if args.lr_scale == "gain" and args.method in ("sadp", "ann"):
             return min(sampler.variance_gain(), args.max_lr_scale)
+        if args.lr_scale == "budget" and args.method in ("sadp", "ann", "uniform"):
+            return 1.0 / (1.0 - ratios[epoch])
         return 1.0
 
     if args.method == "sadp":
