@@ -75,6 +75,19 @@ def test_score_network_runs_and_records_the_network_bound(tmp_path):
     assert torch.all(net >= head * (1 - 1e-4)) and torch.all(net > head * 1.001)
 
 
+def test_resume_of_a_checkpoint_from_before_an_option_existed(tmp_path, capsys):
+    """A checkpoint saved before --score existed resumes as --score head (the default then) and
+    refuses --score network. Shown to catch comparing a missing setting (None) with the default."""
+    run(tmp_path, "--epochs", "2", "--stop-after", "1", name="old")
+    state = train.load_checkpoint(str(tmp_path / "old"), "cpu")
+    del state["args"]["score"]
+    train.save_checkpoint(str(tmp_path / "old"), state)
+    code = train.main(SMALL + ["--out", str(tmp_path / "old"), "--epochs", "2", "--resume",
+                               "--score", "network"])
+    assert code == 2 and "--score 'head' -> 'network'" in capsys.readouterr().err
+    assert train.main(SMALL + ["--out", str(tmp_path / "old"), "--epochs", "2", "--resume"]) == 0
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, assert_same_checkpoint):
     """Stop after epoch 2 of 3 (the process dies right after the checkpoint), resume, and
     compare with an uninterrupted run: the same sampler state and the same weights."""

@@ -614,8 +614,11 @@ def _args_dict(args) -> dict:
 
 
 def _check_same_run(args, saved: dict) -> None:
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
-              for k in _SAME_RUN if saved.get(k) != getattr(args, k)]
+    # A setting missing from an older checkpoint had its default then (the option did not exist).
+    defaults = build_parser().parse_args([])
+    saved = {k: saved.get(k, getattr(defaults, k)) for k in _SAME_RUN}
+    differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}"
+              for k in _SAME_RUN if saved[k] != getattr(args, k)]
     if differ:
         raise RunError("--resume with settings that differ from the saved run: " + ", ".join(differ)
                        + ". Resume with the original flags, or start a new run with another --out.")
