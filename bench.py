@@ -22,6 +22,9 @@ Sections (each prints a markdown table; all of them go to --out as JSON):
             --evidence-log, and a rerun with the same log skips the runs already there
   throughput  (GPU; skipped on a CPU unless --set throughput=true) images/s of a CIFAR-shaped
             training run of ResNet-19, T=4, bf16: compiled vs eager LIF, full vs sadp at r = 0.3
+  netbound  MNIST-1D, conv1d: the whole-network bound (sadp.NetworkTap) vs the head bound, ann
+            and loss: rank correlation with the true per-example norm over all conv + linear
+            weights, estimator variance vs uniform and the oracle, and its cost per step
 
 Nothing here asserts: the benchmark reports. Timings are ratios measured in one process,
 interleaved, because these machines are shared and noisy; absolute times are only meaningful
@@ -48,7 +51,8 @@ import data
 import models
 import train
 from baselines import baseline_loss
-from sadp import HeadTap, SADPSampler, head_gradient_bound, head_gradient_norm, spike_aware_loss
+from sadp import (HeadTap, NetworkTap, SADPSampler, head_gradient_bound, head_gradient_norm,
+                  spike_aware_loss)
 
 # The accuracy section's methods at each ratio: train.py's, plus sadp drawn i.i.d. (with
 # replacement, the derivation as written in sadp.py) next to its default without replacement.
@@ -271,9 +275,10 @@ def bench_overhead(cfg, results):
 # 3. Gradient variance vs the oracle
 # ---------------------------------------------------------------------------------------------
 
-def per_example_grads(model, x, y):
-    """Flattened gradient of every parameter for each example (BN in eval mode: independent)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def per_example_grads(model, x, y, params=None):
+    """Flattened gradient of every parameter (or of `params`) for each example (BN in eval
+    mode: independent)."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     rows = []
     for i in range(len(x)):
         out = model(x[i:i + 1])
@@ -332,12 +337,14 @@ def data_sets(cfg, num_train, num_test) -> list[dict]:
 
 def trained_models(cfg, spec, directory):
     """(epoch, model) after each epoch in spec["var_epochs"] of one full-data train.py run (its
-    cosine schedule spans the last of them), read back from the run's checkpoint at each stop."""
+    cosine schedule spans the last of them), read back from the run's checkpoint at each stop.
+    spec["model"]: the network (default convnet)."""
     ds, stops, out = spec["data"], spec["var_epochs"], os.path.join(directory, "run")
-    model = models.build_model("convnet", ds.num_classes, T=cfg["T"], compile=cfg["compile"])
+    name = spec.get("model", "convnet")
+    model = models.build_model(name, ds.num_classes, T=cfg["T"], compile=cfg["compile"])
     for k, stop in enumerate(stops):
-        args = bench_args(cfg, out, method="full", epochs=stops[-1], stop_after=stop, resume=k > 0,
-                          batch_size=spec["batch_size"], no_augment=not spec["augment"])
+        args = bench_args(cfg, out, method="full", model=name, epochs=stops[-1], stop_after=stop,
+                          resume=k > 0, batch_size=spec["batch_size"], no_augment=not spec["augment"])
         train.run(args, dataset=ds, stats=spec["stats"])
         model.load_state_dict(train.load_checkpoint(out, "cpu")["model"])
         yield stop, model
@@ -787,6 +794,133 @@ def bench_throughput(cfg, results):
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. The whole-network bound vs the head bound (MNIST-1D)
+# ---------------------------------------------------------------------------------------------
+
+def netbound_scores(model, x, y, T, batch=None):
+    """head, network, ann and loss scores of (x, y), from forward + backward passes with weights 1.
+    batch=None: one pass in the model's current mode; else passes of `batch` examples."""
+    net, head = NetworkTap(model, T=T), HeadTap(model.classifier, T=T)
+    parts = {k: [] for k in ("head", "network", "ann", "loss")}
+    for xb, yb in zip(x.split(batch or len(x)), y.split(batch or len(x))):
+        model(xb)
+        outputs, head_inputs = head.pop()
+        loss, s_head = spike_aware_loss(outputs, yb, head_inputs)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        parts["network"].append(net.pop(torch.ones(len(yb))))
+        parts["head"].append(s_head)
+        parts["ann"].append(baseline_loss(outputs, yb, kind="ann")[1])
+        parts["loss"].append(baseline_loss(outputs, yb, kind="loss")[1])
+    net.remove()
+    head.remove()
+    model.zero_grad(set_to_none=True)
+    return {k: torch.cat(v).double() for k, v in parts.items()}
+
+
+def bench_netbound(cfg, results):
+    """Checkpoints of a full-data train.py run (seed 0); at each, a fixed pool of training examples
+    is scored and its per-example gradients over every conv + linear weight (BN in eval mode)
+    are computed by autograd. BN parameters are outside the bound and outside the truth here."""
+    try:
+        ds = data.load_dataset("mnist1d")
+    except data.DataError as e:
+        print(f"\n(netbound: skipped, {e})")
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["nb_threads"])
+    T, batch = cfg["T"], cfg["batch_size"]
+    spec = {"data": ds, "stats": "mnist1d", "model": "conv1d", "batch_size": batch, "augment": False,
+            "var_epochs": cfg["nb_epochs"]}
+    pool = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(1))[: cfg["nb_pool"]]
+    xp, yp = ds.x_train[pool], ds.y_train[pool]
+    snaps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stop, model in trained_models(cfg, spec, tmp):
+            snaps.append(netbound_snapshot(model, xp, yp, T, batch, stop))
+            print(f"  [netbound] epoch {stop} scored", file=sys.stderr, flush=True)
+    heads = [f"epoch {s['epoch']}" for s in snaps]
+    names = ["loss", "ann", "head", "network", "head (BN train)", "network (BN train)", "oracle"]
+    table(f"Spearman rank correlation with the true per-example gradient norm over all conv + linear "
+          f"weights (MNIST-1D, conv1d T={T}, {len(yp)} training examples, BN eval)",
+          ["score"] + heads, [[n] + [round(s["scores"][n]["spearman"], 3) for s in snaps] for n in names])
+    table("Variance of the importance-sampled gradient (all conv + linear weights) relative to "
+          "uniform: eps = 0 / eps = 0.1; lower is better, oracle p ~ ||G_i|| is the floor",
+          ["score"] + heads, [["uniform"] + ["1"] * len(snaps)] + [
+              [n] + [f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}" for s in snaps]
+              for n in names])
+    table("Score / true norm per example: min / median (network, BN eval: >= 1, it dominates; the "
+          "head bound covers the head only, and a BN-train score is no bound on the BN-eval gradient)",
+          ["score"] + heads, [[n] + [f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}"
+                                     for s in snaps] for n in names[2:-1]])
+    model.train()
+    results["netbound"] = {"snapshots": snaps, "pool": len(yp), "T": T,
+                           "overhead": _netbound_overhead(cfg, model, ds, T, batch)}
+    torch.set_num_threads(threads)
+
+
+def netbound_snapshot(model, xp, yp, T, batch, epoch: int) -> dict:
+    """Every score on the pool against the true norm over all conv + linear weights: rank
+    correlation, score / norm, and the estimator variance relative to uniform."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()                                             # what train.py records: BN in
+    in_training = netbound_scores(model, xp, yp, T, batch)    # training mode, batches of `batch`
+    scores = {"head (BN train)": in_training["head"], "network (BN train)": in_training["network"]}
+    model.load_state_dict(state)                              # undo the BN running-stat updates
+    model.eval()
+    scores.update(netbound_scores(model, xp, yp, T))
+    weights = [p for m in model.modules() if isinstance(m, NetworkTap.LAYERS) for p in m.parameters()]
+    G = per_example_grads(model, xp, yp, weights)
+    truth = G.norm(dim=1)
+    N = len(yp)
+    v_uni = estimator_variance(G, torch.full((N,), 1.0 / N, dtype=torch.float64))
+    snap = {"epoch": epoch, "scores": {}}
+    for name, s in list(scores.items()) + [("oracle", truth)]:
+        s = s.clamp_min(0)
+        row = {"spearman": spearman(s, truth), "min_ratio": float((s / truth).min()),
+               "median_ratio": float((s / truth).median())}
+        for eps in (0.0, 0.1):
+            p = (1 - eps) * s / s.sum() + eps / N
+            row[f"eps={eps}"] = estimator_variance(G, p) / v_uni
+        snap["scores"][name] = row
+    return snap
+
+
+def _netbound_overhead(cfg, model, ds, T, batch) -> dict:
+    """A training step scored by the network bound vs the same step scored by the head bound,
+    interleaved; median of the per-pair time ratios. The network step attaches its tap, pops
+    the scores after backward and removes it: all of its cost is in the figure."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x, y, w = ds.x_train[:batch], ds.y_train[:batch], torch.ones(batch)
+    head = HeadTap(model.classifier, T=T)
+
+    def step(network: bool):
+        net = NetworkTap(model, T=T) if network else None
+        model(x)
+        outputs, head_inputs = head.pop()
+        loss, scores = spike_aware_loss(outputs, y, head_inputs, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if network:
+            scores = net.pop(w)
+            net.remove()
+        opt.step()
+        return scores
+
+    device = torch.device("cpu")
+    for _ in range(3):                                            # warm-up (and compile)
+        step(False), step(True)
+    pairs = [(timeit(lambda: step(False), device), timeit(lambda: step(True), device))
+             for _ in range(cfg["nb_reps"])]
+    head.remove()
+    ratio = statistics.median(b / a for a, b in pairs)
+    table(f"Training-step time with the network bound vs with the head bound (conv1d T={T}, batch "
+          f"{batch}, CPU, {torch.get_num_threads()} thread(s), median of {cfg['nb_reps']} interleaved pairs)",
+          ["step with network bound / step with head bound"], [[f"{ratio:.3f}"]])
+    return {"ratio": ratio, "pairs_s": pairs}
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots (optional: matplotlib)
 # ---------------------------------------------------------------------------------------------
 
@@ -855,7 +989,7 @@ def plot(results, directory):
 
 SECTIONS = {"speedup": bench_speedup, "overhead": bench_overhead, "variance": bench_variance,
             "lif": bench_lif, "accuracy": bench_accuracy, "evidence": bench_evidence,
-            "throughput": bench_throughput}
+            "throughput": bench_throughput, "netbound": bench_netbound}
 
 
 def config(quick: bool, device: str, compile_: bool) -> dict:
@@ -880,6 +1014,8 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "ev_workers": 2, "ev_threads": 1, "ev_log": None, "ev_max_infobatch_ratio": 0.95,
         "throughput": gpu, "tp_model": "resnet19" if gpu else "convnet",
         "tp_train": 2000 if quick else 10000, "tp_reps": 2 if quick else 3,
+        "nb_pool": 256 if quick else 512, "nb_epochs": [1, 5] if quick else [1, 5, 20],
+        "nb_reps": 20 if quick else 100, "nb_threads": 1,
     }
 
 

@@ -60,6 +60,34 @@ def test_baselines_run_with_their_budgets(tmp_path, method):
         assert all(r["examples"] == 500 for r in s["history"])
 
 
+def test_score_network_runs_and_records_the_network_bound(tmp_path):
+    """One epoch with --score network: the same draw and training as --score head (the score
+    does not change the gradient), so every seen example's network score must be at least its
+    head score (S_net includes the head's term). Shown to catch a wiring that keeps the head scores."""
+    runs = {}
+    for score in ("head", "network"):
+        run(tmp_path, "--epochs", "1", "--ratio", "0.5", "--score", score, name=score)
+        runs[score] = train.load_checkpoint(str(tmp_path / score), "cpu")["sampler"]
+    seen = runs["head"]["seen"]
+    assert torch.equal(seen, runs["network"]["seen"]) and int(seen.sum()) == 500
+    head, net = runs["head"]["scores"][seen], runs["network"]["scores"][seen]
+    assert torch.isfinite(net).all()
+    assert torch.all(net >= head * (1 - 1e-4)) and torch.all(net > head * 1.001)
+
+
+def test_resume_of_a_checkpoint_from_before_an_option_existed(tmp_path, capsys):
+    """A checkpoint saved before --score existed resumes as --score head (the default then) and
+    refuses --score network. Shown to catch comparing a missing setting (None) with the default."""
+    run(tmp_path, "--epochs", "2", "--stop-after", "1", name="old")
+    state = train.load_checkpoint(str(tmp_path / "old"), "cpu")
+    del state["args"]["score"]
+    train.save_checkpoint(str(tmp_path / "old"), state)
+    code = train.main(SMALL + ["--out", str(tmp_path / "old"), "--epochs", "2", "--resume",
+                               "--score", "network"])
+    assert code == 2 and "--score 'head' -> 'network'" in capsys.readouterr().err
+    assert train.main(SMALL + ["--out", str(tmp_path / "old"), "--epochs", "2", "--resume"]) == 0
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, assert_same_checkpoint):
     """Stop after epoch 2 of 3 (the process dies right after the checkpoint), resume, and
     compare with an uninterrupted run: the same sampler state and the same weights."""
@@ -162,6 +190,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--data", "cifar10", "--train-size", "10"], "--train-size"),
     (["--exact-score", "--method", "ann"], "--exact-score"),
+    (["--score", "network", "--method", "ann"], "--score network"),
+    (["--score", "network", "--exact-score"], "--score network"),
     (["--data", "imagenet"], "--data"),
 ])
 def test_invalid_flags_exit_2_with_a_message(flags, message, capsys):

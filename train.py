@@ -41,7 +41,7 @@ import baselines
 import data
 import models
 from baselines import baseline_loss
-from sadp import HeadTap, SADPSampler, all_gather_cat, spike_aware_loss
+from sadp import HeadTap, NetworkTap, SADPSampler, all_gather_cat, spike_aware_loss
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 SCHEDULES = ("constant", "warmup", "anneal")
@@ -165,6 +165,10 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
                         "examples (0: no re-weighting at all, plain hard-example sampling)")
     p.add_argument("--exact-score", action="store_true",
                    help="sadp: exact head-gradient norm instead of the spike-aware bound")
+    p.add_argument("--score", choices=("head", "network"), default="head",
+                   help="sadp: the spike-aware bound on the head's gradient (default), or the "
+                        "whole-network bound over every conv and linear weight, read off the "
+                        "backward pass (sadp.NetworkTap; BN in train mode makes it approximate)")
 
 
 def check_method_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -188,6 +192,8 @@ def check_method_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score}")
     if args.exact_score and args.method != "sadp":
         parser.error("--exact-score only applies to --method sadp")
+    if args.score == "network" and (args.method != "sadp" or args.exact_score):
+        parser.error("--score network only applies to --method sadp, without --exact-score")
     if not 0.0 <= args.smoothing < 1.0:
         parser.error(f"--smoothing must lie in [0, 1); got {args.smoothing}")
     if not (math.isfinite(args.weight_power) and 0.0 <= args.weight_power <= 1.0):
@@ -214,13 +220,18 @@ class Method(NamedTuple):
     """What --method decides, once. `sampler` (set_epoch, iter, weights, update, state_dict)
     picks each epoch's examples and weights; `begin_epoch(epoch)` draws the epoch and returns
     its learning-rate factor; `loss(outputs, targets, head_inputs, weights)` returns the
-    minibatch loss and every example's score for the sampler's next epoch."""
+    minibatch loss and every example's score for the sampler's next epoch;
+    `after_backward(scores, weights)` returns the scores to keep once loss.backward() has run
+    (the loss's own, or with --score network the whole-network bound read off that backward);
+    `close()` detaches any hooks."""
     sampler: object
     begin_epoch: Callable
     loss: Callable
+    after_backward: Callable
+    close: Callable
 
 
-def make_method(args, num_examples: int, rank: int, world_size: int) -> Method:
+def make_method(args, model, num_examples: int, rank: int, world_size: int) -> Method:
     place = dict(seed=args.seed, rank=rank, world_size=world_size)
     readout = dict(per_timestep=args.per_timestep, label_smoothing=args.label_smoothing)
     if args.method == "uniform":
@@ -250,7 +261,11 @@ def make_method(args, num_examples: int, rank: int, world_size: int) -> Method:
     if args.weight_power != 1.0:    # w^beta: BIASED towards high-score examples unless beta = 1
         unbiased = loss
         loss = lambda outputs, y, h, w: unbiased(outputs, y, h, w.pow(args.weight_power))
-    return Method(sampler, begin_epoch, loss)
+    if args.score == "network":     # read off the backward pass, so ready only after it
+        tap = NetworkTap(model, T=args.T)
+        after_backward = lambda _, w: tap.pop(w.pow(args.weight_power))   # the loss's own weights
+        return Method(sampler, begin_epoch, loss, after_backward, tap.remove)
+    return Method(sampler, begin_epoch, loss, lambda scores, _: scores, lambda: None)
 
 
 def epoch_ratios(schedule: str, ratio: float, epochs: int) -> list[float]:
@@ -403,7 +418,7 @@ def setup(args, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
         tap=HeadTap(model.classifier, T=args.T), train_model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                   nesterov=True, weight_decay=args.weight_decay),
-        method=make_method(args, len(dataset.x_train), rank, world_size),
+        method=make_method(args, model, len(dataset.x_train), rank, world_size),
         aug_gen=torch.Generator(device=device).manual_seed(args.seed + 7919 * rank),
         amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext,
         local_batch=args.batch_size // world_size,
@@ -445,6 +460,7 @@ def train_epoch(r, epoch: int) -> dict:
         loss, scores = r.method.loss(outputs, r.y_train[idx_dev], head_inputs, w)
         r.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        scores = r.method.after_backward(scores, w)
         r.optimizer.step()
         loss_d = loss.detach()
         bad_step = torch.where(torch.isfinite(loss_d) | (bad_step >= 0), bad_step, step)
@@ -570,6 +586,7 @@ def run(args, dataset: data.ArrayDataset | None = None, stats=None) -> dict:
         save(r)
     summary = summarise(r, time.perf_counter() - wall_start)
     r.tap.remove()
+    r.method.close()
     if r.world_size > 1:
         dist.barrier()   # no rank tears down its process group while another still uses it
     return summary
@@ -595,7 +612,7 @@ def _synthetic_sizes(args) -> dict:
 _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_size", "lr", "momentum",
              "no_augment",
              "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
-             "initial_score", "replacement", "exact_score", "seed", "smoothing", "schedule",
+             "initial_score", "replacement", "exact_score", "score", "seed", "smoothing", "schedule",
              "lr_scale", "max_lr_scale", "weight_power")
 
 
@@ -604,8 +621,11 @@ def _args_dict(args) -> dict:
 
 
 def _check_same_run(args, saved: dict) -> None:
-    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
-              for k in _SAME_RUN if saved.get(k) != getattr(args, k)]
+    # A setting missing from an older checkpoint had its default then (the option did not exist).
+    defaults = build_parser().parse_args([])
+    saved = {k: saved.get(k, getattr(defaults, k)) for k in _SAME_RUN}
+    differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}"
+              for k in _SAME_RUN if saved[k] != getattr(args, k)]
     if differ:
         raise RunError("--resume with settings that differ from the saved run: " + ", ".join(differ)
                        + ". Resume with the original flags, or start a new run with another --out.")
