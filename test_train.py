@@ -252,12 +252,12 @@ def test_lr_scale_budget_is_one_over_keep_and_gain_is_capped(method):
     schedule); gain: the sampler's variance gain, between 1 and --max-lr-scale."""
     args = train.parse_args(SMALL + ["--method", method, "--ratio", "0.6", "--lr-scale", "budget",
                                      "--epochs", "9", "--schedule", "warmup"])
-    m = train.make_method(args, 1000, 0, 1)
+    m = train.make_method(args, None, 1000, 0, 1)
     assert m.begin_epoch(0) == 1.0                               # warmup: all data, r_0 = 0
     keep = (0.4 * 9 - 1) / 8
     assert m.begin_epoch(1) == pytest.approx(1 / keep)
     args = train.parse_args(SMALL + ["--ratio", "0.6", "--lr-scale", "gain", "--max-lr-scale", "1.5"])
-    m = train.make_method(args, 1000, 0, 1)
+    m = train.make_method(args, None, 1000, 0, 1)
     m.sampler.update(torch.arange(1000), torch.rand(1000) ** 4)
     assert 1.0 < m.begin_epoch(1) <= 1.5
 
