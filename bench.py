@@ -616,7 +616,9 @@ def _evidence_jobs(cfg, name, recipe, seeds, labels, ratios) -> list[dict]:
              "flags": dict(recipe, method="full")} for s in seeds]
     for r in ratios:
         for label in labels:
-            flags = dict(recipe, **(CORE.get(label) or VARIANTS[label]), ratio=r)
+            # lr_scale "none" unless the label says otherwise: the core rows are the recipe as
+            # it stood before --lr-scale budget became train.py's default (sadp-lrb is that default).
+            flags = {**recipe, "lr_scale": "none", **(CORE.get(label) or VARIANTS[label]), "ratio": r}
             ratio = r
             if flags["method"] == "full":               # one set of runs, at ratio 0
                 if r != ratios[0]:
@@ -645,7 +647,8 @@ def bench_evidence(cfg, results):
             continue
         jobs += _evidence_jobs(cfg, name, recipe, seeds, list(CORE), cfg["ev_ratios"])
         if name == "mnist1d":
-            jobs += [j for j in _evidence_jobs(cfg, name, recipe, seeds, list(VARIANTS), cfg["ev_variant_ratios"])
+            jobs += [j for j in _evidence_jobs(cfg, name, recipe, seeds, cfg["ev_variants"] or list(VARIANTS),
+                                               cfg["ev_variant_ratios"])
                      if j["label"] != "full"]
     runs = [done[k] for k in done]
     todo = [j for j in jobs if (j["set"], j["label"], j["ratio"], j["seed"]) not in done]
@@ -1008,7 +1011,7 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "acc_train": 2000 if quick else 4000, "acc_test": 1000 if quick else 2000,
         "epochs_acc": 3 if quick else 10, "epochs_digits": 6 if quick else 30,
         "acc_ratios": [0.3] if quick else [0.3, 0.5, 0.7], "seeds": 1 if quick else 3,
-        "ev_epochs": 8 if quick else 40, "ev_seeds": 2 if quick else 5, "ev_synthetic_seeds": 0 if quick else 3,
+        "ev_epochs": 8 if quick else 40, "ev_seeds": 2 if quick else 5, "ev_synthetic_seeds": 0 if quick else 3, "ev_variants": None,
         "ev_synthetic_labels": ["uniform", "sadp", "uniform-lrb", "sadp-lrb"], "ev_synthetic_ratios": [0.7, 0.5],
         "ev_ratios": [0.5] if quick else [0.3, 0.5, 0.7], "ev_variant_ratios": [0.5] if quick else [0.7, 0.5],
         "ev_workers": 2, "ev_threads": 1, "ev_log": None, "ev_max_infobatch_ratio": 0.95,
