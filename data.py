@@ -297,6 +297,7 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     data_dir = Path(data_dir)
     folder = data_dir / source.folder
     if not folder.is_dir():
+        _check_writable(data_dir, source)
         archive = data_dir / source.archive
         if archive.is_file():
             actual = hashlib.md5(archive.read_bytes()).hexdigest()
@@ -319,6 +320,17 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
         parts = [_read_batch(folder / name, md5, source, data_dir) for name, md5 in files]
         splits += [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1)]
     return ArrayDataset(*splits, source.num_classes)
+
+
+def _check_writable(data_dir: Path, source: Source) -> None:
+    """Before a download or an extraction: --data-dir must be a folder this process can write."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=data_dir).close()
+    except OSError as e:
+        raise DataError(f"--data-dir {data_dir} is not a folder this process can write "
+                        f"({e.strerror or e}), and {source.name} must be downloaded or extracted "
+                        f"there; choose another --data-dir.\n" + _manual_help(source, data_dir)) from e
 
 
 def _manual_help(source: Source, data_dir: Path) -> str:
@@ -392,7 +404,12 @@ def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float
                     if not chunk:
                         break
                     digest.update(chunk)
-                    out.write(chunk)
+                    try:
+                        out.write(chunk)
+                    except OSError as e:     # ENOSPC, EDQUOT, EIO: the partial file is removed
+                        raise DataError(f"could not write {dest} after {done} bytes ({e.strerror or e}); "
+                                        f"free space in {dest.parent}, or choose another --data-dir, "
+                                        f"and run again.") from e
                     done += len(chunk)
         if digest.hexdigest() != md5:
             raise ChecksumError(

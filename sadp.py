@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from typing import Iterator, Sequence
 
 import torch
@@ -226,7 +227,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
                  replacement: bool = False, smoothing: float = 0.0,
                  rank: int | None = None, world_size: int | None = None):
         _check_sampler_settings(num_examples, ratio, epsilon, initial_score, smoothing)
-        self.num_examples = num_examples
+        self.num_examples = int(num_examples)
         self.ratio = float(ratio)
         self.num_draws = round((1.0 - self.ratio) * num_examples)   # m
         self.seed = int(seed)
@@ -307,6 +308,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         """w_i = 1 / (N p_i) under this epoch's frozen p (float32, on the indices' device)."""
         _check_epoch_set(self)
         idx = torch.as_tensor(indices)
+        _check_indices(idx, self.num_examples, "weights")
         w = 1.0 / (self.num_examples * self.probabilities[idx.cpu().long()])
         if self.epoch_ratio == 0.0:
             w = torch.ones_like(w)        # exactly 1, not 1 +- rounding
@@ -319,7 +321,10 @@ class SADPSampler(torch.utils.data.Sampler[int]):
         Under torch.distributed this is a collective: every rank must call it, and every rank
         then records every rank's scores.
         """
-        idx = torch.as_tensor(indices).detach().reshape(-1).cpu().long()
+        idx = torch.as_tensor(indices).detach().reshape(-1).cpu()
+        if idx.numel():
+            _check_indices(idx, self.num_examples, "update")
+        idx = idx.long()
         s = torch.as_tensor(scores, dtype=torch.float64).detach().reshape(-1).cpu()
         if idx.shape != s.shape:
             raise ValueError(f"update needs one score per index; got {idx.numel()} indices and {s.numel()} scores.")
@@ -363,6 +368,7 @@ class SADPSampler(torch.utils.data.Sampler[int]):
                 "probabilities": clone(self.probabilities), "draw": clone(self._draw)}
 
     def load_state_dict(self, state: dict) -> None:
+        _check_sampler_state(self, state)
         _check_same_sampler(self, state)
         clone = lambda t: None if t is None else t.clone()
         self.scores, self.seen = state["scores"].clone().double(), state["seen"].clone().bool()
@@ -435,28 +441,34 @@ class HeadTap:
 
     The head may be called once on [T, B, D] (multi-step models), once on the merged
     [T*B, D] (time-major, as SpikingJelly's SeqToANNContainer does; T is then needed), or T
-    times on [B, D] (step-by-step loops, as in snnTorch tutorials). `outputs` keep their
-    autograd graph, so the loss computed from them trains the model.
+    times on [B, D] (step-by-step loops, as in snnTorch tutorials; T is then needed). `outputs`
+    keep their autograd graph, so the loss computed from them trains the model.
+
+    One pop per forward, evaluation passes included (or `remove()` the tap first). The tap
+    holds at most what one forward produces (T calls, or one when T is omitted), so forwards
+    that are never popped cost no memory; but the next pop then counts more calls than one
+    forward makes and raises, rather than returning a mix of forwards. With T omitted, one call
+    is one forward: several calls are never stacked into a larger T.
     """
 
     def __init__(self, head: nn.Module, T: int | None = None):
+        _check_tap_T(T)
         self.T = T
         self._calls: list[tuple[Tensor, Tensor]] = []
+        self._count = 0                                      # head calls since the last pop
         self._handle = head.register_forward_hook(self._record)
 
     def _record(self, module, args, output) -> None:
-        self._calls.append((args[0], output))
+        self._count += 1
+        keep = 1 if args[0].dim() >= 3 else (self.T or 1)    # [T, B, ...] is a whole forward
+        self._calls = (self._calls + [(args[0], output)])[-keep:]   # bounded: one forward
 
     def pop(self) -> tuple[Tensor, Tensor]:
         """(outputs [T, B, C], head_inputs [T, B, D]) of the forward since the last pop."""
-        calls, self._calls = self._calls, []
-        if not calls:
-            raise RuntimeError("HeadTap.pop: the head was not called since the last pop; run the model first.")
+        calls, count, self._calls, self._count = self._calls, self._count, [], 0
+        _check_tap_calls(calls, count, self.T)
         x, y = calls[0]
-        if len(calls) > 1:                                   # one call per timestep
-            if self.T is not None and len(calls) != self.T:
-                raise RuntimeError(f"HeadTap: the head was called {len(calls)} times but T={self.T}; "
-                                   f"call pop() once per forward pass.")
+        if count > 1:                                        # T calls, one per timestep
             return torch.stack([c[1] for c in calls]), torch.stack([c[0] for c in calls])
         if x.dim() == 2 and self.T is not None and self.T > 1:   # merged [T*B, D]
             if x.shape[0] % self.T:
@@ -469,7 +481,7 @@ class HeadTap:
     def remove(self) -> None:
         """Detach the hook from the head."""
         self._handle.remove()
-        self._calls = []
+        self._calls, self._count = [], 0
 
     def __enter__(self) -> "HeadTap":
         return self
@@ -655,12 +667,47 @@ def _check_weights(weights: Tensor, B: int) -> None:
     if not isinstance(weights, Tensor) or weights.shape != (B,):
         raise ValueError(f"weights must be one importance weight per example, shaped [B] = [{B}]; "
                          f"got {_shape(weights)}.")
+    bad = ~torch.isfinite(weights) | (weights < 0)           # one host-device sync on GPU
+    if bool(bad.any()):
+        raise ValueError(f"weights must be finite and non-negative (w = 1 / (N p)); got "
+                         f"{int(bad.sum())} that are not (first: {weights[bad][0].item()}).")
+
+
+def _check_indices(idx: Tensor, num_examples: int, where: str) -> None:
+    """Integer indices in [0, N): a float would be truncated and -1 would wrap to the last example."""
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"{where} needs integer example indices; got dtype {idx.dtype} "
+                         f"(e.g. {idx.reshape(-1)[0].item()!r}). Pass the dataset's indices unchanged.")
+    if idx.numel() and bool(((idx < 0) | (idx >= num_examples)).any()):
+        raise ValueError(f"{where} got indices outside [0, {num_examples}): "
+                         f"[{int(idx.min())}, {int(idx.max())}].")
+
+
+def _check_tap_T(T) -> None:
+    if T is not None and (not isinstance(T, numbers.Integral) or isinstance(T, bool) or T < 1):
+        raise ValueError(f"HeadTap: T must be a positive int (the timesteps) or None; got {T!r}.")
+
+
+def _check_tap_calls(calls: list, count: int, T: int | None) -> None:
+    """One forward's calls: once on [T, B, ...] or [T*B, D], or T times on [B, D]."""
+    if count == 0:
+        raise RuntimeError("HeadTap.pop: the head was not called since the last pop; run the model first.")
+    whole = any(c[0].dim() >= 3 for c in calls)
+    if count == 1 or (count == T and not whole):
+        return
+    steps = "once (on [T, B, D] or [T*B, D])" if T is None else \
+        f"once (on [T, B, D] or [T*B, D]) or T={T} times (on [B, D])"
+    hint = "" if T is not None else (" With T omitted one call is one forward: pass T to HeadTap "
+                                     "for a model that calls its head once per timestep.")
+    raise RuntimeError(f"HeadTap.pop: the head was called {count} times since the last pop, but one "
+                       f"forward calls it {steps}. pop() after every forward, evaluation passes "
+                       f"included (or remove() the tap).{hint}")
 
 
 def _check_sampler_settings(num_examples, ratio, epsilon, initial_score, smoothing) -> None:
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
+    if not isinstance(num_examples, numbers.Integral) or isinstance(num_examples, bool) or num_examples < 1:
         raise ValueError(f"num_examples must be a positive int (the training-set size); got {num_examples!r}.")
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
         raise ValueError(
             f"ratio must lie in [0, 1): the fraction of example-passes saved "
             f"(0 = full data, 0.3 = train on 70% per epoch); got {ratio!r}.")
@@ -680,6 +727,33 @@ def _check_epoch_set(sampler: SADPSampler) -> None:
     if sampler.epoch is None:
         raise RuntimeError("SADPSampler: no epoch is drawn yet; call set_epoch(epoch) first "
                            "(once per epoch, before iterating or asking for weights).")
+
+
+def _check_sampler_state(sampler: SADPSampler, state: dict) -> None:
+    """A state_dict's keys, lengths, dtypes and values, before anything of it is used."""
+    N = sampler.num_examples
+    keys = set(sampler._SETTINGS) | {"scores", "seen", "epoch", "epoch_ratio", "probabilities", "draw"}
+    if not isinstance(state, dict) or keys - set(state):
+        missing = sorted(keys - set(state)) if isinstance(state, dict) else "all (not a dict)"
+        raise ValueError(f"sampler state lacks {missing}; it is not a SADPSampler.state_dict().")
+    for key, dtypes in (("scores", (torch.float32, torch.float64)), ("seen", (torch.bool,)),
+                        ("probabilities", (torch.float64,)), ("draw", (torch.int64,))):
+        t = state[key]
+        if t is None and key in ("probabilities", "draw"):
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in dtypes:
+            raise ValueError(f"sampler state {key!r} must be a 1-D tensor of {dtypes[0]}; got "
+                             f"{_shape(t)}{'' if not isinstance(t, Tensor) else ' ' + str(t.dtype)}.")
+        if key != "draw" and t.numel() != N:
+            raise ValueError(f"sampler state {key!r} has length {t.numel()}, not num_examples = {N}.")
+    if not bool(torch.isfinite(state["scores"]).all()) or bool((state["scores"] < 0).any()):
+        raise ValueError("sampler state 'scores' holds NaN, inf or negative values; it is corrupt.")
+    p = state["probabilities"]
+    if p is not None and not (bool(torch.isfinite(p).all()) and bool((p > 0).all())):
+        raise ValueError("sampler state 'probabilities' holds NaN, inf or non-positive values; it is corrupt.")
+    if state["draw"] is not None and state["draw"].numel() and \
+            bool(((state["draw"] < 0) | (state["draw"] >= N)).any()):
+        raise ValueError(f"sampler state 'draw' holds indices outside [0, {N}); it is corrupt.")
 
 
 def _check_update(idx: Tensor, s: Tensor, num_examples: int) -> None:

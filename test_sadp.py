@@ -847,3 +847,89 @@ def test_conv_bound_is_nearly_tight_for_constant_inputs_and_deltas(dim, k, s, bi
     S = tap.pop(torch.ones(1, dtype=torch.float64))
     G = torch.sqrt(sum(p.grad.square().sum() for p in conv.parameters()))
     assert G <= S[0] <= G * (1.5 if s > 1 else 1.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12, defect 8: edge cases that were silent or gave the wrong error
+# ---------------------------------------------------------------------------------------------
+
+def _drawn_sampler(N=10):
+    s = SADPSampler(N, 0.3, seed=0)
+    s.set_epoch(0)
+    return s
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: s.weights([-1]), r"outside \[0, 10\)"),          # was: the last example's weight
+    (lambda s: s.weights([10]), r"outside \[0, 10\)"),          # was: a raw IndexError
+    (lambda s: s.weights(torch.tensor([1.7])), "integer"),
+    (lambda s: s.update(torch.tensor([1.7]), torch.tensor([1.0])), "integer"),  # was: 1.7 -> 1
+    (lambda s: s.update([1.7], [1.0]), "integer"),
+])
+def test_sampler_rejects_bad_indices(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(_drawn_sampler())
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda st: st.pop("scores"), "lacks"),
+    (lambda st: st.__setitem__("scores", torch.full((10,), float("nan"), dtype=torch.float64)), "NaN"),
+    (lambda st: st.__setitem__("scores", torch.zeros(9, dtype=torch.float64)), "length 9"),
+    (lambda st: st.__setitem__("seen", torch.zeros(10)), "seen"),
+    (lambda st: st.__setitem__("probabilities", st["probabilities"] * float("nan")), "probabilities"),
+    (lambda st: st.__setitem__("draw", st["draw"] + 100), "draw"),
+])
+def test_load_state_dict_validates_what_it_loads(change, match):
+    """NaN scores silently gave a uniform p, a wrong length failed later, a missing key was a
+    KeyError."""
+    state = _drawn_sampler().state_dict()
+    change(state)
+    fresh = SADPSampler(10, 0.3, seed=0)
+    with pytest.raises(ValueError, match=match):
+        fresh.load_state_dict(state)
+    assert fresh.epoch is None                      # nothing was loaded
+
+
+def test_numpy_numbers_are_accepted_for_num_examples_and_ratio():
+    np = pytest.importorskip("numpy")
+    a = SADPSampler(np.int64(100), np.float32(0.25), seed=1)
+    b = SADPSampler(100, 0.25, seed=1)
+    a.set_epoch(0), b.set_epoch(0)
+    assert list(a) == list(b) and isinstance(a.num_examples, int)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_spike_aware_loss_rejects_non_finite_or_negative_weights(bad):
+    o, y, h = torch.randn(2, 3, 4), torch.tensor([0, 1, 2]), torch.ones(2, 3, 5)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        spike_aware_loss(o, y, h, torch.tensor([1.0, bad, 1.0]))
+
+
+def test_head_tap_holds_one_forward_and_says_when_forwards_were_not_popped():
+    """Un-popped calls piled up (145 MB after 1000 evaluation passes); four un-popped calls gave
+    a misleading shape error; with T omitted a doubled stack silently became T = 8."""
+    head = torch.nn.Linear(6, 3)
+    tap = HeadTap(head, T=4)
+    with torch.no_grad():
+        for _ in range(50):                          # evaluation passes that never pop
+            head(torch.ones(4, 2, 6))
+    assert len(tap._calls) == 1                      # bounded: one forward's worth
+    with pytest.raises(RuntimeError, match="called 50 times since the last pop"):
+        tap.pop()
+    for _ in range(2 * 4):                           # two step-by-step forwards, one pop
+        head(torch.ones(2, 6))
+    assert len(tap._calls) == 4
+    with pytest.raises(RuntimeError, match="called 8 times.*T=4 times"):
+        tap.pop()
+    for _ in range(4):                               # one step-by-step forward: fine
+        head(torch.ones(2, 6))
+    assert tap.pop()[0].shape == (4, 2, 3)
+
+    head2 = torch.nn.Linear(6, 3)
+    tap2 = HeadTap(head2)                            # T omitted: one call is one forward
+    for _ in range(8):
+        head2(torch.ones(2, 6))
+    with pytest.raises(RuntimeError, match="pass T to HeadTap"):
+        tap2.pop()                                   # never a silent T = 8
+    head2(torch.ones(2, 6))
+    assert tap2.pop()[0].shape == (1, 2, 3)

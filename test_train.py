@@ -98,7 +98,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
 
     def save_then_die(out, state):
         real_save(out, state)
-        if state["epoch"] == 1:
+        if state["epoch"] == 2:
             raise KeyboardInterrupt        # as if killed after writing epoch 2's checkpoint
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die)
@@ -107,7 +107,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     resumed = run(tmp_path, *flags, "--resume", name="killed")
 
-    a = assert_same_checkpoint(tmp_path / "straight", tmp_path / "killed", epoch=2)
+    a = assert_same_checkpoint(tmp_path / "straight", tmp_path / "killed", epoch=3)
     assert resumed["example_passes"] == a["example_passes"]
     assert [r["examples"] for r in resumed["history"]] == [r["examples"] for r in a["history"]]
 
@@ -128,7 +128,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, 
     with pytest.raises(train.Diverged, match=r"epoch 2, step 3 of 11"):
         run(tmp_path, "--epochs", "3")
     manifest = train.read_manifest(str(tmp_path / "run"))
-    assert manifest["epoch"] == 0                  # epoch 1's checkpoint is kept, nothing later
+    assert manifest["epoch"] == 1                  # epoch 1's checkpoint is kept, nothing later
     state = train.load_checkpoint(str(tmp_path / "run"), "cpu")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -267,3 +267,210 @@ def test_lr_scale_refuses_methods_it_does_not_apply_to(capsys):
         with pytest.raises(SystemExit) as e:
             train.parse_args(SMALL + flags)
         assert e.value.code == 2 and "--lr-scale" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: nothing lost, nothing crashes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--momentum", "0"], "--momentum"),
+    (["--momentum", "-1"], "--momentum"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--method", "infobatch", "--seed", "100000000000000"], "--seed"),
+    (["--data", "synthetic", "--train-size", "1", "--ratio", "0.6"], "leaves no example"),
+    (["--device", "meta"], "--device"),
+])
+def test_bad_values_exit_2_with_a_message(flags, message, capsys):
+    """Each of these crashed with a traceback (issue 12, defect 4)."""
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_is_found_before_any_data_is_loaded(tmp_path, capsys, monkeypatch):
+    """--out that is a file, or under /proc: exit 2 with a message, before data is loaded."""
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before --out was checked")
+
+    monkeypatch.setattr(train.data, "load_dataset", no_data)
+    (tmp_path / "afile").write_text("x")
+    for out in (str(tmp_path / "afile"), str(tmp_path / "afile" / "run"), "/proc/sadp-run"):
+        assert train.main(SMALL + ["--out", out, "--epochs", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and out in err and "Traceback" not in err
+
+
+def test_data_dir_that_is_a_file_or_unwritable_exits_2_naming_it(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data-dir", str(tmp_path / "afile")])
+    assert e.value.code == 2 and str(tmp_path / "afile") in capsys.readouterr().err
+    code = train.main(["--data", "cifar10", "--data-dir", "/proc/sadp-data", "--device", "cpu",
+                       "--no-compile", "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert code == 2 and "--data-dir /proc/sadp-data" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Both runs exited 0 and the second overwrote the first (issue 12, defect 2)."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:            # as a run in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train.main(SMALL + ["--out", str(out), "--epochs", "1"]) == 2
+        assert "in use by another run" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    flags = SMALL + ["--out", str(out), "--epochs", "2"]
+    assert train.main(flags + ["--stop-after", "1"]) == 0           # released: runs
+    assert train.main(flags + ["--resume"]) == 0                      # its own lock released too
+
+
+@pytest.mark.parametrize("bad_epoch, kept", [(0, None), (1, 1)])
+def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch, capsys, bad_epoch, kept):
+    """A NaN weight with a finite loss was saved as a good checkpoint, and the message named a
+    checkpoint that did not exist (issue 12, defect 3)."""
+    real_epoch = train.train_epoch
+
+    def poisoned(r, epoch):
+        row = real_epoch(r, epoch)
+        if epoch == bad_epoch:
+            with torch.no_grad():
+                next(r.model.parameters()).view(-1)[0] = float("nan")
+        return row
+
+    monkeypatch.setattr(train, "train_epoch", poisoned)
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "3"]) == 3
+    err = capsys.readouterr().err
+    manifest = train.read_manifest(str(out))
+    if kept is None:
+        assert manifest is None and "No checkpoint was written yet" in err
+        assert "last good checkpoint" not in err
+    else:
+        assert manifest["epoch"] == kept and f"after epoch {kept}" in err
+        state = train.load_checkpoint(str(out), "cpu")
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    import errno
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def fsync_until_full(fd):
+        calls["n"] += 1
+        if calls["n"] > 2:                          # epoch 1: checkpoint + manifest; then full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_until_full)
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "after epoch 1" in err and "Traceback" not in err
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert train.read_manifest(str(out))["epoch"] == 1
+    assert train.load_checkpoint(str(out), "cpu")["epoch"] == 1
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == \
+        ["checkpoint-e1.pt", "checkpoint.json"]
+
+
+def test_full_disk_during_a_download_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import errno
+    import io
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"x" * (3 << 20)))
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: Full(real_fdopen(*a, **k)))
+    code = train.main(["--data", "cifar10", "--data-dir", str(tmp_path / "d"), "--device", "cpu",
+                       "--no-compile", "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert os.listdir(tmp_path / "d") == []          # the partial download is removed
+
+
+@pytest.mark.parametrize("forge", ["other pickle", "garbage", "wrong keys"])
+def test_forged_checkpoint_with_a_recomputed_sha_is_not_a_checkpoint(tmp_path, capsys, forge):
+    """A tampered checkpoint whose manifest SHA was recomputed gave a raw UnpicklingError or
+    KeyError (issue 12, defect 6)."""
+    import hashlib
+    import io
+    import json as json_
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "1"]) == 0
+    manifest = train.read_manifest(str(out))
+    buffer = io.BytesIO()
+    if forge == "other pickle":
+        torch.save({"weights": torch.ones(3)}, buffer)
+    elif forge == "wrong keys":
+        state = train.load_checkpoint(str(out), "cpu")
+        del state["sampler"]
+        torch.save(state, buffer)
+    else:
+        buffer.write(os.urandom(4096))
+    payload = buffer.getvalue()
+    (out / manifest["file"]).write_bytes(payload)
+    manifest["sha256"] = hashlib.sha256(payload).hexdigest()
+    (out / "checkpoint.json").write_text(json_.dumps(manifest))
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume"]) == 2
+    assert "not a checkpoint of this program" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_leaves_it_and_wall_seconds_cover_every_part(tmp_path, capsys):
+    """--resume of a finished run rewrote results.json with wall_seconds ~ 0; output files
+    were mode 0600 (issue 12, defect 7)."""
+    out = tmp_path / "run"
+    first = run(tmp_path, "--epochs", "2", "--stop-after", "1")
+    second = run(tmp_path, "--epochs", "2", "--resume")
+    assert second["wall_seconds"] > first["wall_seconds"] >= first["train_seconds"] > 0
+    before = (out / "results.json").read_bytes()
+    assert train.main(SMALL[:-1] + ["--out", str(out), "--epochs", "2", "--resume"]) == 0
+    assert "is finished" in capsys.readouterr().out
+    assert (out / "results.json").read_bytes() == before
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "checkpoint.json", "checkpoint-e2.pt"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_checkpoint_names_count_epochs_as_the_rows_do(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2"]) == 0
+    assert (out / "checkpoint-e2.pt").exists()
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "after epoch 2" in err and "another --out" in err and f"delete {out}" in err
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_line_on_a_terminal_only(tmp_path, capsys, monkeypatch, tty):
+    import sys
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    args = train.parse_args(SMALL[:-1] + ["--out", str(tmp_path / "run"), "--epochs", "1"])
+    train.run(args)
+    out = capsys.readouterr().out
+    assert ("\r" in out) == tty and ("examples/s" in out) == tty

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import functools
 import hashlib
 import io
@@ -30,12 +31,17 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
+
+try:
+    import fcntl                     # the --out lock; absent on Windows, where runs go unlocked
+except ImportError:
+    fcntl = None
 
 import baselines
 import data
@@ -44,6 +50,7 @@ from baselines import baseline_loss
 from sadp import HeadTap, NetworkTap, SADPSampler, all_gather_cat, spike_aware_loss
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
+SEEDS = 2**32                        # --seed lies in [0, 2**32), as numpy's seeds do
 SCHEDULES = ("constant", "warmup", "anneal")
 
 
@@ -79,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-timestep", action="store_true",
                    help="TET-style loss: mean over t of CE(o_t) instead of CE of the mean output")
     add_method_options(p)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed in [0, 2**32) (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--no-compile", action="store_true", help="run the LIF timestep loop eagerly")
@@ -110,14 +117,27 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive; got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive number; got {args.lr}")
+    if not (math.isfinite(args.momentum) and 0 < args.momentum < 1):
+        parser.error(f"--momentum must lie in (0, 1) (Nesterov SGD needs momentum > 0); got {args.momentum}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be a number >= 0; got {args.weight_decay}")
+    if not 0 <= args.seed < SEEDS:
+        parser.error(f"--seed must lie in [0, 2**32); got {args.seed}")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir} is a file, not a folder; choose another --data-dir")
     if not 0.0 <= args.label_smoothing < 1.0:
         parser.error(f"--label-smoothing must lie in [0, 1); got {args.label_smoothing}")
     check_method_args(parser, args)
+    if args.train_size is not None and round((1.0 - args.ratio) * args.train_size) < 1:
+        parser.error(f"--ratio {args.ratio:g} leaves no example of --train-size {args.train_size} "
+                     f"to train on per epoch; lower --ratio or raise --train-size")
     if args.device != "auto":
         try:
             device = torch.device(args.device)
         except RuntimeError:
-            parser.error(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device!r} is not supported; use auto, cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda, but this machine has no CUDA GPU (or this torch build has "
                          "no CUDA); use --device cpu")
@@ -273,6 +293,13 @@ def make_method(args, model, num_examples: int, rank: int, world_size: int) -> M
     return Method(sampler, begin_epoch, loss, lambda scores, _: scores, lambda: None)
 
 
+def make_method_or_exit(args, model, num_examples: int, rank: int, world_size: int) -> Method:
+    try:
+        return make_method(args, model, num_examples, rank, world_size)
+    except ValueError as e:      # e.g. a ratio that leaves no example of a small data set
+        raise RunError(f"--method {args.method} --ratio {args.ratio:g} on {num_examples} examples: {e}") from e
+
+
 def epoch_ratios(schedule: str, ratio: float, epochs: int) -> list[float]:
     """Each epoch's pruning ratio under `schedule`, at the budget of a constant ratio: the
     epochs keep sum_e (1 - r_e) = (1 - ratio) * epochs (up to rounding to whole examples)."""
@@ -295,11 +322,15 @@ def epoch_ratios(schedule: str, ratio: float, epochs: int) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+    The file gets the usual mode (0666 less the umask), not mkstemp's private 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -312,16 +343,22 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
 
 
 def save_checkpoint(out: str, state: dict) -> None:
-    """checkpoint-e<epoch>.pt, then the manifest that names it and its SHA-256. A run killed at
-    any moment leaves the previous manifest and the checkpoint it names intact."""
+    """checkpoint-e<epoch>.pt (epoch: the epochs done, as the rows count them), then the manifest
+    that names it and its SHA-256. A run killed, or a write failing (a full disk), at any moment
+    leaves the previous manifest and the checkpoint it names intact."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     name = f"checkpoint-e{state['epoch']}.pt"
+    old = read_manifest(out)
     atomic_write_bytes(os.path.join(out, name), payload)
     manifest = {"file": name, "sha256": hashlib.sha256(payload).hexdigest(), "epoch": state["epoch"]}
-    old = read_manifest(out)
-    atomic_write_bytes(os.path.join(out, "checkpoint.json"), json.dumps(manifest).encode())
+    try:
+        atomic_write_bytes(os.path.join(out, "checkpoint.json"), json.dumps(manifest).encode())
+    except BaseException:
+        if old is None or old["file"] != name:
+            os.unlink(os.path.join(out, name))      # the manifest still names the old one
+        raise
     if old is not None and old["file"] != name and os.path.exists(os.path.join(out, old["file"])):
         os.unlink(os.path.join(out, old["file"]))
 
@@ -353,7 +390,63 @@ def load_checkpoint(out: str, map_location) -> dict:
         raise RunError(f"--resume: {path} has SHA-256 {digest} but the manifest expects "
                        f"{manifest['sha256']}: the file is corrupt. Nothing was loaded; delete "
                        f"{out} to start over.")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    try:       # weights_only: tensors and plain containers only, no code runs
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:       # UnpicklingError, RuntimeError, EOFError, ...: all mean "not ours"
+        raise RunError(_not_a_checkpoint(path, f"torch.load: {type(e).__name__}")) from e
+    if not isinstance(state, dict) or not {"args", "epoch", "model"} <= set(state):
+        raise RunError(_not_a_checkpoint(path, "it does not hold a run's state"))
+    return state
+
+
+def _not_a_checkpoint(path: str, why: str) -> str:
+    return (f"--resume: {path} matches its manifest but is not a checkpoint of this program ({why}). "
+            f"Nothing was restored; start fresh with another --out, or delete its folder.")
+
+
+def last_good(out: str) -> str:
+    """A sentence for error messages: where the last checkpoint is, only if there is one."""
+    try:
+        manifest = read_manifest(out)
+    except RunError:
+        manifest = None
+    if manifest is None or not os.path.exists(os.path.join(out, manifest["file"])):
+        return "No checkpoint was written yet."
+    return f"The last good checkpoint (after epoch {manifest['epoch']}) is kept in {out}."
+
+
+@contextmanager
+def own_out(out: str, rank: int, world_size: int):
+    """Hold <out>/.lock, exclusively, for the run's lifetime (rank 0 only): a second run into
+    the same folder stops with a message instead of overwriting this one's files. flock is
+    released by the OS when the process ends, even on kill -9, so a lock is never stale.
+    Also checks, before any data is loaded, that --out is a folder this process can write."""
+    error, fd = None, None
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+            fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            error = f"--out {out} is not a folder this process can write ({e.strerror or e}); choose another --out."
+        if fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                fd, error = None, (f"{out} is in use by another run (it holds {out}/.lock); wait for "
+                                   f"it to end, or choose another --out.")
+    if world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunError(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class RunError(RuntimeError):
@@ -361,7 +454,7 @@ class RunError(RuntimeError):
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, or a parameter or buffer, became NaN or infinite; train.py exits with status 3."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,13 +495,14 @@ def load_data(args, rank: int, world_size: int) -> data.ArrayDataset:
             dist.barrier()
 
 
-def setup(args, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
+def setup(args, place, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
     """Everything a run holds: its place, the data on the device, model, optimizer, method, RNGs."""
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device = place
     manifest = read_manifest(args.out) if os.path.isdir(args.out) else None
     if manifest is not None and not args.resume:
-        raise RunError(f"{args.out} already holds a run (checkpoint at epoch {manifest['epoch']}); "
-                       f"pass --resume to continue it, or choose another --out.")
+        raise RunError(f"{args.out} already holds a run (checkpoint after epoch {manifest['epoch']}); "
+                       f"pass --resume to continue it, or start fresh with another --out (or "
+                       f"delete {args.out}).")
     torch.manual_seed(args.seed)
     if dataset is None:
         dataset = load_data(args, rank, world_size)
@@ -423,15 +517,17 @@ def setup(args, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
         tap=HeadTap(model.classifier, T=args.T), train_model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                   nesterov=True, weight_decay=args.weight_decay),
-        method=make_method(args, model, len(dataset.x_train), rank, world_size),
+        method=make_method_or_exit(args, model, len(dataset.x_train), rank, world_size),
         aug_gen=torch.Generator(device=device).manual_seed(args.seed + 7919 * rank),
         amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext,
         local_batch=args.batch_size // world_size,
-        progress={"epoch": -1, "history": [], "example_passes": 0, "train_seconds": 0.0})
+        progress={"epoch": 0, "history": [], "example_passes": 0, "train_seconds": 0.0,
+                  "wall_seconds": 0.0})
     if world_size > 1:
         r.train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     r.say = print if r.main and not args.quiet else (lambda *a, **k: None)
+    r.tty = r.main and not args.quiet and sys.stdout.isatty()    # progress lines: terminals only
     return r
 
 
@@ -452,6 +548,7 @@ def train_epoch(r, epoch: int) -> dict:
     seen_idx, seen_scores = [], []
     _sync(device)
     t0 = time.perf_counter()
+    show = progress_line(r, len(batches))
     for step, idx in enumerate(batches):
         for group in r.optimizer.param_groups:
             group["lr"] = cosine_lr(lr, (epoch + step / len(batches)) / args.epochs)
@@ -473,11 +570,12 @@ def train_epoch(r, epoch: int) -> dict:
         rate_sum += r.model.spike_rate().detach().float()
         seen_idx.append(idx_dev)
         seen_scores.append(scores)
+        show(step + 1, (step + 1) * r.local_batch * r.world_size)
     if int(bad_step) >= 0:
         raise Diverged(
             f"the loss became NaN/inf at epoch {epoch + 1}, step {int(bad_step) + 1} of "
-            f"{len(batches)} (lr {args.lr}). The last good checkpoint (epoch {epoch}) is kept "
-            f"in {args.out}; lower --lr, or try --no-compile / without --amp to locate the cause.")
+            f"{len(batches)} (lr {args.lr}). {last_good(args.out)} Lower --lr, or try "
+            f"--no-compile / without --amp to locate the cause.")
     sampler.update(torch.cat(seen_idx), torch.cat(seen_scores))
     if r.world_size > 1:
         dist.all_reduce(loss_sum)
@@ -487,6 +585,37 @@ def train_epoch(r, epoch: int) -> dict:
     return {"epoch": epoch + 1, "examples": examples, "seconds": time.perf_counter() - t0,
             "train_loss": loss_sum.item() / examples,
             "spike_rate": rate_sum.item() / (len(batches) * r.world_size)}
+
+
+def progress_line(r, total: int) -> Callable:
+    """show(step, examples): one line, rewritten in place with \r, of an epoch's progress. Only
+    on a terminal (redirected logs stay one row per epoch), at most twice a second; the last
+    step clears it for the epoch's row."""
+    if not r.tty:
+        return lambda step, examples: None
+    t0, shown = time.perf_counter(), [-math.inf]
+
+    def show(step: int, examples: int) -> None:
+        now = time.perf_counter()
+        if step == total:
+            print("\r" + " " * 60 + "\r", end="", flush=True)
+        elif now - shown[0] >= 0.5:
+            shown[0] = now
+            print(f"\r  step {step}/{total}  {now - t0:.0f} s  {examples / max(now - t0, 1e-9):.0f} "
+                  f"examples/s", end="", flush=True)
+    return show
+
+
+def check_finite(r, epoch: int) -> None:
+    """Diverged unless every floating parameter, buffer and momentum is finite, so that a NaN
+    never reaches a checkpoint. One fused kernel (the norms) and one host sync per epoch."""
+    tensors = [t for t in r.model.state_dict().values() if t.is_floating_point()]
+    tensors += [t for state in r.optimizer.state.values() for t in state.values()
+                if torch.is_tensor(t) and t.is_floating_point()]
+    if not bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
+        raise Diverged(
+            f"parameters or buffers became NaN/inf during epoch {epoch + 1}; that epoch was not "
+            f"checkpointed. {last_good(r.args.out)} Lower --lr, or check --momentum / --weight-decay.")
 
 
 def evaluate(r, batch_size: int = 500) -> float:
@@ -507,7 +636,7 @@ def evaluate(r, batch_size: int = 500) -> float:
 def run_state(r) -> dict:
     """What a checkpoint holds, key -> (get, set): saving and resuming both read this one table.
     "args" comes first, so a resume with other settings fails before anything is loaded."""
-    p = r.progress   # epoch (the last one done), history, example_passes, train_seconds
+    p = r.progress   # epoch (epochs done), history, example_passes, train_seconds, wall_seconds
     table = {"args": (lambda: _args_dict(r.args), lambda saved: _check_same_run(r.args, saved))}
     table.update({k: (functools.partial(p.get, k), functools.partial(p.__setitem__, k)) for k in p})
     table.update({
@@ -526,19 +655,33 @@ def save(r) -> None:
     """Checkpoint the run (rank 0 writes; every rank takes part in gathering the RNG states)."""
     state = {key: get() for key, (get, _) in run_state(r).items()}
     if r.main:
-        save_checkpoint(r.args.out, state)
+        try:
+            save_checkpoint(r.args.out, state)
+        except OSError as e:     # ENOSPC, EIO, ...: the previous checkpoint is intact
+            raise RunError(f"could not write the checkpoint of epoch {state['epoch']} to {r.args.out} "
+                           f"({e.strerror or e}). {last_good(r.args.out)} Free space, then "
+                           f"continue with --resume.") from e
     if r.world_size > 1:
         dist.barrier()
 
 
 def restore(r) -> None:
     state = load_checkpoint(r.args.out, map_location="cpu")
-    for key, (_, put) in run_state(r).items():
-        put(state[key])
-    r.say(f"resumed {r.args.out} after epoch {state['epoch'] + 1}")
+    path = os.path.join(r.args.out, read_manifest(r.args.out)["file"])
+    table = run_state(r)
+    if set(state) != set(table):
+        raise RunError(_not_a_checkpoint(path, f"keys {sorted(set(state) ^ set(table))} differ"))
+    for key, (_, put) in table.items():
+        try:
+            put(state[key])
+        except RunError:
+            raise
+        except Exception as e:   # a tensor of the wrong shape, a field of the wrong type, ...
+            raise RunError(_not_a_checkpoint(path, f"{key!r}: {type(e).__name__}: {e}")) from e
+    r.say(f"resumed {r.args.out} after epoch {state['epoch']}")
 
 
-def summarise(r, wall_seconds: float) -> dict:
+def summarise(r) -> dict:
     """The run's summary; rank 0 writes it to <out>/results.json and prints it."""
     args, p = r.args, r.progress
     history, passes, N = p["history"], p["example_passes"], len(r.x_train)
@@ -549,14 +692,18 @@ def summarise(r, wall_seconds: float) -> dict:
         "example_passes": passes, "full_data_passes": N * len(history),
         "pass_fraction": passes / (N * len(history)),
         "theoretical_speedup": 1.0 / (1.0 - args.ratio),
-        "train_seconds": p["train_seconds"], "wall_seconds": wall_seconds,
+        "train_seconds": p["train_seconds"], "wall_seconds": p["wall_seconds"],
         "epochs_done": len(history),
         "best_test_acc": max(row["test_acc"] for row in history),
         "final_test_acc": history[-1]["test_acc"],
         "history": history, "args": _args_dict(args),
     }
     if r.main:
-        atomic_write_bytes(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1).encode())
+        try:
+            atomic_write_bytes(os.path.join(args.out, "results.json"), json.dumps(summary, indent=1).encode())
+        except OSError as e:
+            raise RunError(f"could not write {args.out}/results.json ({e.strerror or e}). "
+                           f"{last_good(args.out)}") from e
         r.say(f"\n{args.method} r={args.ratio:g}: {passes} example-passes = "
               f"{summary['pass_fraction']:.3f} of full data (theoretical speedup "
               f"{summary['theoretical_speedup']:.2f}x), train time {p['train_seconds']:.1f} s, "
@@ -571,30 +718,57 @@ def run(args, dataset: data.ArrayDataset | None = None, stats=None) -> dict:
     dataset, stats: a data set already in memory and its normalisation (mean, std), in place
     of loading args.data (bench.py uses this for data sets that train.py does not ship).
     """
-    r = setup(args, dataset, stats)
-    if args.resume:
-        restore(r)
+    started = time.perf_counter()
+    place = setup_distributed(args)
+    with own_out(args.out, place[0], place[1]):
+        r = setup(args, place, dataset, stats)
+        if args.resume:
+            restore(r)
+        try:
+            summary = train_epochs(r, started)
+        finally:
+            r.tap.remove()
+            r.method.close()
+        if r.world_size > 1:
+            dist.barrier()       # no rank tears down its process group while another still uses it
+    return summary
+
+
+def train_epochs(r, started: float) -> dict:
+    """The epochs left to do: one row and one checkpoint each, then the summary."""
+    args, p = r.args, r.progress
+    last_epoch = args.epochs if args.stop_after is None else args.stop_after
+    if p["epoch"] >= last_epoch:     # --resume of a finished run: leave its results as they are
+        return finished(r)
     r.say(f"{args.method} r={args.ratio:g} on {args.data} ({len(r.x_train)} examples), {args.model} "
           f"T={args.T}, {r.world_size} process(es) on {r.device}")
     r.say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}")
-    for row in r.progress["history"]:
+    for row in p["history"]:
         r.say(_row(row))
-    wall_start = time.perf_counter()
-    last_epoch = args.epochs if args.stop_after is None else args.stop_after
-    for epoch in range(r.progress["epoch"] + 1, last_epoch):
+    wall_before = p["wall_seconds"]  # of the earlier parts of a resumed run
+    for epoch in range(p["epoch"], last_epoch):
         row = train_epoch(r, epoch)
         row["test_acc"] = evaluate(r)
-        r.progress["history"].append(row)
-        r.progress.update(epoch=epoch, example_passes=r.progress["example_passes"] + row["examples"],
-                          train_seconds=r.progress["train_seconds"] + row["seconds"])
+        check_finite(r, epoch)
+        p["history"].append(row)
+        p.update(epoch=epoch + 1, example_passes=p["example_passes"] + row["examples"],
+                 train_seconds=p["train_seconds"] + row["seconds"],
+                 wall_seconds=wall_before + time.perf_counter() - started)
         r.say(_row(row))
         save(r)
-    summary = summarise(r, time.perf_counter() - wall_start)
-    r.tap.remove()
-    r.method.close()
-    if r.world_size > 1:
-        dist.barrier()   # no rank tears down its process group while another still uses it
-    return summary
+    return summarise(r)
+
+
+def finished(r) -> dict:
+    """The summary of a run that has nothing left to do, as it was written; results.json stays."""
+    path = os.path.join(r.args.out, "results.json")
+    r.say(f"{r.args.out} is finished ({r.progress['epoch']} of {r.args.epochs} epochs done); "
+          f"{path} is left as it is. Start a new run with another --out.")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return summarise(r)          # killed between the last checkpoint and results.json
 
 
 def _sync(device: torch.device) -> None:
