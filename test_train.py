@@ -193,6 +193,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--score", "network", "--method", "ann"], "--score network"),
     (["--score", "network", "--exact-score"], "--score network"),
     (["--data", "imagenet"], "--data"),
+    (["--data", "mnist1d", "--model", "convnet"], "--model convnet does not take"),
+    (["--data", "synthetic", "--model", "conv1d"], "--model conv1d does not take"),
 ])
 def test_invalid_flags_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

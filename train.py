@@ -69,11 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic only: training examples (default 10000)")
     p.add_argument("--test-size", type=int, default=None,
                    help="synthetic only: test examples (default 2000)")
-    p.add_argument("--model", choices=models.MODELS, default="resnet19",
-                   help="network (default resnet19, the usual CIFAR SNN; convnet for CPU demos; "
-                        "conv1d for mnist1d)")
+    p.add_argument("--model", choices=models.MODELS, default=None,
+                   help="network (default resnet19, the usual CIFAR SNN; conv1d for mnist1d, the "
+                        "only one that takes its 1-D signals; convnet for CPU demos)")
     p.add_argument("--T", type=int, default=4, help="timesteps (default 4, as in tdBN/TET on CIFAR)")
-    p.add_argument("--epochs", type=int, default=200, help="epochs (default 200)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs (default 200; 40 for mnist1d, where full data has converged by then)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch size, split over DDP ranks (default 128)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (default 0.1)")
@@ -104,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    one_d = args.data == "mnist1d"
+    if args.model is None:
+        args.model = "conv1d" if one_d else "resnet19"
+    if args.epochs is None:
+        args.epochs = 40 if one_d else 200
+    if (args.model == "conv1d") != one_d:
+        parser.error(f"--model {args.model} does not take --data {args.data}: conv1d is the network "
+                     f"for mnist1d's 1-D signals, the others are for images")
     for name, low in (("T", 1), ("epochs", 1), ("batch_size", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
