@@ -958,7 +958,7 @@ def plot(results, directory):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         full = next(r for r in rows if r["label"] == "full")
         ax.axhline(statistics.mean(full["final"]), color="k", ls="--", label="full data")
-        for label in ("uniform", "ann", "sadp", "infobatch", "infobatch-matched"):
+        for label in ("uniform", "ann", "sadp", "infobatch", "infobatch-matched", "uniform-lrb", "sadp-lrb"):
             sel = [r for r in rows if r["label"] == label]
             if sel:
                 ax.errorbar([r["ratio"] for r in sel], [statistics.mean(r["final"]) for r in sel],
@@ -969,7 +969,7 @@ def plot(results, directory):
         ratio = max(r["ratio"] for r in rows)
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for r in [full] + [r for r in rows if r["ratio"] == ratio and r["label"] in
-                           ("uniform", "sadp", "ann", "infobatch-matched", "sadp-anneal", "sadp-w0.5")]:
+                           ("uniform", "sadp", "infobatch-matched", "sadp-anneal", "uniform-lrb", "sadp-lrb")]:
             ax.plot(r["curve_passes"], r["curve"], label=r["label"], lw=1.2)
         ax.axhline(ev["target"], color="k", ls=":", lw=0.8, label="full - 0.5 pp")
         ax.set_ylim(max(0, ev["target"] - 30), ev["target"] + 3)
@@ -1012,7 +1012,7 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "epochs_acc": 3 if quick else 10, "epochs_digits": 6 if quick else 30,
         "acc_ratios": [0.3] if quick else [0.3, 0.5, 0.7], "seeds": 1 if quick else 3,
         "ev_epochs": 8 if quick else 40, "ev_seeds": 2 if quick else 5, "ev_synthetic_seeds": 0 if quick else 3, "ev_variants": None,
-        "ev_synthetic_labels": ["uniform", "sadp", "uniform-lrb", "sadp-lrb"], "ev_synthetic_ratios": [0.7, 0.5],
+        "ev_synthetic_labels": ["uniform", "sadp", "uniform-lrb", "sadp-lrb"], "ev_synthetic_ratios": [0.7],
         "ev_ratios": [0.5] if quick else [0.3, 0.5, 0.7], "ev_variant_ratios": [0.5] if quick else [0.7, 0.5],
         "ev_workers": 2, "ev_threads": 1, "ev_log": None, "ev_max_infobatch_ratio": 0.95,
         "throughput": gpu, "tp_model": "resnet19" if gpu else "convnet",
