@@ -628,6 +628,45 @@ def _evidence_jobs(cfg, name, recipe, seeds, labels, ratios) -> list[dict]:
     return jobs
 
 
+def _evidence_seeds(cfg, name: str) -> list[int]:
+    return list(range(cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"]))
+
+
+def _evidence_plan(cfg) -> list[dict]:
+    """Every run the configuration asks for (the log's runs are skipped by the caller)."""
+    jobs = []
+    for name, recipe in evidence_sets(cfg).items():
+        seeds = _evidence_seeds(cfg, name)
+        if name == "synthetic":      # the rerun: the question the MNIST-1D runs raised
+            jobs += _evidence_jobs(cfg, name, recipe, seeds, cfg["ev_synthetic_labels"],
+                                   cfg["ev_synthetic_ratios"])
+            continue
+        jobs += _evidence_jobs(cfg, name, recipe, seeds, list(CORE), cfg["ev_ratios"])
+        jobs += [j for j in _evidence_jobs(cfg, name, recipe, seeds, cfg["ev_variants"] or list(VARIANTS),
+                                           cfg["ev_variant_ratios"]) if j["label"] != "full"]
+    return jobs
+
+
+def _matched_infobatch_jobs(cfg, runs: list[dict], sent: set, done: dict) -> list[dict]:
+    """InfoBatch at a ratio whose actual example-passes match the others': once its nominal runs
+    at r are all in, solve pass_fraction = 1 - c r_ib for r_ib = r / c. `sent` records the
+    (set, r) already planned."""
+    jobs = []
+    for name, recipe in evidence_sets(cfg).items():
+        seeds = _evidence_seeds(cfg, name)
+        for r in cfg["ev_ratios"]:
+            nominal = [x for x in runs if x["set"] == name and x["label"] == "infobatch" and x["ratio"] == r]
+            if (name, r) in sent or len(nominal) < len(seeds):
+                continue
+            sent.add((name, r))
+            c = statistics.mean((1 - x["pass_fraction"]) / r for x in nominal)
+            r_ib = min(round(r / c, 3), cfg["ev_max_infobatch_ratio"])
+            jobs += [{"set": name, "label": "infobatch-matched", "ratio": r, "seed": s, "nominal_ratio": r_ib,
+                      "flags": dict(recipe, method="infobatch", ratio=r_ib)}
+                     for s in seeds if (name, "infobatch-matched", r, s) not in done]
+    return jobs
+
+
 def bench_evidence(cfg, results):
     import concurrent.futures as cf
     import multiprocessing as mp
@@ -638,33 +677,20 @@ def bench_evidence(cfg, results):
             for line in f:
                 run = json.loads(line)
                 done[(run["set"], run["label"], run["ratio"], run["seed"])] = run
-    jobs = []
-    for name, recipe in evidence_sets(cfg).items():
-        seeds = range(cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"])
-        if name == "synthetic":      # the rerun: the question the MNIST-1D runs raised
-            jobs += _evidence_jobs(cfg, name, recipe, seeds, cfg["ev_synthetic_labels"],
-                                   cfg["ev_synthetic_ratios"])
-            continue
-        jobs += _evidence_jobs(cfg, name, recipe, seeds, list(CORE), cfg["ev_ratios"])
-        if name == "mnist1d":
-            jobs += [j for j in _evidence_jobs(cfg, name, recipe, seeds, cfg["ev_variants"] or list(VARIANTS),
-                                               cfg["ev_variant_ratios"])
-                     if j["label"] != "full"]
-    runs = [done[k] for k in done]
-    todo = [j for j in jobs if (j["set"], j["label"], j["ratio"], j["seed"]) not in done]
+    runs = list(done.values())
+    todo = [j for j in _evidence_plan(cfg) if (j["set"], j["label"], j["ratio"], j["seed"]) not in done]
     order = {"infobatch": 0}                      # InfoBatch first: the matched ratio needs it
     todo.sort(key=lambda j: (j["set"] != "mnist1d", order.get(j["label"], 1)))
     print(f"  [evidence] {len(runs)} runs in the log, {len(todo)} to go, {cfg['ev_workers']} workers",
           file=sys.stderr, flush=True)
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(cfg["ev_workers"], mp_context=ctx, initializer=_evidence_worker_init,
-                                initargs=(cfg["ev_threads"],)) as pool:
+    with cf.ProcessPoolExecutor(cfg["ev_workers"], mp_context=mp.get_context("spawn"),
+                                initializer=_evidence_worker_init, initargs=(cfg["ev_threads"],)) as pool:
         pending = {pool.submit(_evidence_run, j): j for j in todo}
         matched_sent = set()
         while pending:
             finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
-                job = pending.pop(fut)
+                pending.pop(fut)
                 run = fut.result()
                 runs.append(run)
                 if log:
@@ -673,24 +699,9 @@ def bench_evidence(cfg, results):
                 print(f"  [evidence] {run['set']} {run['label']} r={run['ratio']} seed {run['seed']}: "
                       f"{run['final']:.1f}% at {run['pass_fraction']:.3f} of the passes "
                       f"({len(runs)} done, {len(pending)} queued)", file=sys.stderr, flush=True)
-            # InfoBatch at a ratio whose actual example-passes match the others': once its nominal
-            # runs at r are all in, solve pass_fraction = 1 - c r_ib for r_ib = r / c.
-            for name, recipe in evidence_sets(cfg).items():
-                seeds = list(range(cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"]))
-                for r in cfg["ev_ratios"]:
-                    nominal = [x for x in runs if x["set"] == name and x["label"] == "infobatch" and x["ratio"] == r]
-                    if (name, r) in matched_sent or len(nominal) < len(seeds):
-                        continue
-                    matched_sent.add((name, r))
-                    c = statistics.mean((1 - x["pass_fraction"]) / r for x in nominal)
-                    r_ib = min(round(r / c, 3), cfg["ev_max_infobatch_ratio"])
-                    for s in seeds:
-                        if (name, "infobatch-matched", r, s) in done:
-                            continue
-                        job = {"set": name, "label": "infobatch-matched", "ratio": r, "seed": s,
-                               "nominal_ratio": r_ib, "flags": dict(recipe, method="infobatch", ratio=r_ib)}
-                        pending[pool.submit(_evidence_run, job)] = job
-    seeds = {name: cfg["ev_seeds"] if name == "mnist1d" else cfg["ev_synthetic_seeds"] for name in evidence_sets(cfg)}
+            for job in _matched_infobatch_jobs(cfg, runs, matched_sent, done):
+                pending[pool.submit(_evidence_run, job)] = job
+    seeds = {name: len(_evidence_seeds(cfg, name)) for name in evidence_sets(cfg)}
     results["evidence"] = summarise_evidence([r for r in runs if r["seed"] < seeds.get(r["set"], 0)])
 
 
