@@ -332,6 +332,23 @@ class BasicBlock(nn.Module):
         return self.lif2(self.conv2(self.lif1(self.conv1(x))) + self.shortcut(x))
 
 
+# Residual stages: (width, number of blocks, stride of the first block).
+RESNET19_STAGES = ((128, 3, 1), (256, 3, 2), (512, 2, 2))
+
+
+def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> nn.Sequential:
+    """The blocks of a ResNet's stages, in one nn.Sequential (block(c_in, c_out, stride, neuron)).
+
+    Each stage's first block takes the stage's stride and changes the width; the rest keep both.
+    """
+    blocks = []
+    for c_out, n, stride in stages:
+        for i in range(n):
+            blocks.append(block(c_in, c_out, stride if i == 0 else 1, neuron))
+            c_in = c_out
+    return nn.Sequential(*blocks)
+
+
 class SpikingResNet19(SpikingNet):
     """The spiking ResNet-19 of the SNN literature for CIFAR (32x32 inputs; any size works).
 
@@ -358,12 +375,7 @@ class SpikingResNet19(SpikingNet):
         neuron = dict(neuron, compile=compile)
         self.stem = nn.Sequential(*conv_bn(3, 128))
         self.lif0 = LIF(**neuron)
-        blocks, c_in = [], 128
-        for c_out, n, stride in [(128, 3, 1), (256, 3, 2), (512, 2, 2)]:
-            for i in range(n):
-                blocks.append(BasicBlock(c_in, c_out, stride if i == 0 else 1, neuron))
-                c_in = c_out
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = residual_stages(BasicBlock, 128, RESNET19_STAGES, neuron)
         self.fc1 = MultiStep(nn.Linear(512, 256, bias=False), nn.BatchNorm1d(256))
         self.lif_fc = LIF(**neuron)
         self.classifier = nn.Linear(256, num_classes)
