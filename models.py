@@ -1,7 +1,9 @@
 """Spiking neural networks for image classification, in one file.
 
 A leaky integrate-and-fire (LIF) neuron with surrogate gradients, and the networks built from
-it: the spiking ResNet-19 used for CIFAR in the SNN literature, a spiking VGG, whose small
+it: the spiking ResNet-19 used for CIFAR in the SNN literature, the two ImageNet-standard
+ResNet-34s (the plain spiking ResNet-34 of tdBN/TET, "spiking_resnet34", and SEW-ResNet-34 of
+Fang et al. 2021, "sew_resnet34", 21.8M parameters each), a spiking VGG, whose small
 configuration "convnet" serves tests and smoke runs on a CPU, and a 1-D ConvNet for MNIST-1D.
 
 Layout is time-first, as in SpikingJelly's multi-step mode: activations are [T, B, ...] with
@@ -12,9 +14,9 @@ and the result is fed to the first LIF at every step.
 
 Every network returns per-timestep logits [T, B, num_classes] (not averaged over time, so that
 per-timestep losses such as TET can be used) and exposes its last layer as `model.classifier`,
-an nn.Linear applied to [T, B, D]; what enters it is non-negative (binary spikes, or the
-spatial mean of binary spikes), which is what spike-aware data pruning reads with a forward
-hook on it.
+an nn.Linear applied to [T, B, D]; what enters it is non-negative (binary spikes, the spatial
+mean of binary spikes, or for SEW-ResNet the spatial mean of sums of spikes, which can exceed
+1), which is what spike-aware data pruning reads with a forward hook on it.
 
     model = build_model("resnet19", num_classes=10, T=4)     # compiles on the first forward
     logits = model(images)                                   # [4, B, 10]
@@ -46,6 +48,10 @@ __all__ = [
     "LIF",
     "MultiStep",
     "SpikingResNet19",
+    "SpikingResNet",
+    "SEWResNet",
+    "BasicBlock",
+    "SEWBlock",
     "SpikingVGG",
     "SpikingConv1d",
     "set_compile",
@@ -332,6 +338,31 @@ class BasicBlock(nn.Module):
         return self.lif2(self.conv2(self.lif1(self.conv1(x))) + self.shortcut(x))
 
 
+class SEWBlock(BasicBlock):
+    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021), on [T, B, C, H, W].
+
+        out = LIF(BN(conv(LIF(BN(conv(x)))))) + shortcut(x)
+
+    BasicBlock's layers, with the sum moved after the second LIF: the residual branch's spikes
+    are added to the shortcut. The shortcut is the identity, or 1x1 conv + BN + LIF where the
+    shape changes (so that both addends are spikes, as in SEW ResNet's downsample path).
+
+    The output is NOT binary: it is a sum of spikes, an integer in 0..k, where k - 1 is the
+    number of blocks since the last spiking shortcut (or binary input): a stage of n blocks
+    whose first block downsamples outputs at most n + 1. It is non-negative, and the next
+    block's convolutions (and the classifier, after pooling) read these counts.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
+        super().__init__(c_in, c_out, stride, neuron)
+        if not isinstance(self.shortcut, nn.Identity):
+            # The LIF runs on [T, B, ...], so it goes after the MultiStep, not inside it.
+            self.shortcut = nn.Sequential(self.shortcut, LIF(**neuron))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lif2(self.conv2(self.lif1(self.conv1(x)))) + self.shortcut(x)
+
+
 # Residual stages: (width, number of blocks, stride of the first block).
 RESNET19_STAGES = ((128, 3, 1), (256, 3, 2), (512, 2, 2))
 
@@ -387,6 +418,112 @@ class SpikingResNet19(SpikingNet):
         x = x.mean(dim=(-2, -1))                    # [T, B, 512] pooled spikes in [0, 1]
         x = self.lif_fc(self.fc1(x))                # [T, B, 256] binary spikes
         return self.classifier(x)                   # [T, B, num_classes]
+
+
+# ResNet-34's stages (He et al. 2016, Table 1), in the format of RESNET19_STAGES.
+RESNET34_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+
+class _ImageNetResNet(SpikingNet):
+    """The ImageNet ResNet layout that SpikingResNet and SEWResNet share; subclasses set `block`.
+
+        7x7 conv 64 stride 2 + BN (direct encoding, once) + LIF, 3x3 max pool stride 2
+        stages of `block`s (default ResNet-34: 64 x3, 128 x4, 256 x6, 512 x3; stride 2 at the
+        first block of stages 2-4), global average pool, classifier nn.Linear(512, num_classes)
+
+    Spatial size: H/4 after the pool, H/32 at the end (7x7 for 224x224, 1x1 for 32x32).
+    `stages` takes another depth in the same format, e.g. ((64, 2, 1), (128, 2, 2), (256, 2, 2),
+    (512, 2, 2)) for ResNet-18.
+    """
+
+    block: type[BasicBlock] = BasicBlock
+
+    def __init__(self, num_classes: int, T: int = 4, stages=RESNET34_STAGES, compile: bool = True,
+                 **neuron):
+        super().__init__(T)
+        if not stages or any(len(s) != 3 or s[1] < 1 for s in stages):
+            raise ValueError(f"stages must be (width, blocks >= 1, stride) triples; got {stages}.")
+        neuron = dict(neuron, compile=compile)
+        self.stem = nn.Sequential(*conv_bn(3, 64, 7, 2))
+        self.lif0 = LIF(**neuron)
+        self.pool = MultiStep(nn.MaxPool2d(3, 2, padding=1))   # max of spikes: still binary
+        self.blocks = residual_stages(self.block, 64, stages, neuron)
+        self.classifier = nn.Linear(stages[-1][0], num_classes)
+        self.init_weights()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.lif0(self.encode(x, self.stem)))   # [T, B, 64, H/4, W/4] spikes
+        x = self.blocks(x)                                     # [T, B, 512, H/32, W/32]
+        return self.classifier(x.mean(dim=(-2, -1)))           # [T, B, num_classes]
+
+
+class SpikingResNet(_ImageNetResNet):
+    """Spiking ResNet-34 for ImageNet: torchvision's ResNet-34 with every ReLU replaced by a LIF.
+
+    The "Spiking ResNet" of the SNN literature: the network that tdBN (Zheng et al., AAAI 2021)
+    and TET (Deng et al., ICLR 2022) report as ResNet-34 on ImageNet, in the layout of the
+    Spiking ResNet baseline in SEW ResNet's code (Fang et al., NeurIPS 2021) and SpikingJelly's
+    spiking_resnet34. Blocks are BasicBlock (sum before the second LIF), so every block outputs
+    binary spikes; shortcuts are identity or 1x1 conv + BN.
+
+        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2              [T, B, 64, H/4, W/4]
+        basic blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2      [T, B, 512, H/32, W/32]
+        global average pool, classifier FC num_classes          [T, B, num_classes]
+
+    Parameters: 21,797,672 at 1000 classes (torchvision's resnet34 has the same count: LIFs
+    have no parameters); 21,289,802 at 10 classes.
+
+    Deviations and choices: the project's LIF (tau 2, hard reset to 0, threshold 1, ATan
+    surrogate, gradient through the reset unless detach_reset=True) instead of the IF neuron
+    with detached reset that SEW's code uses for its Spiking ResNet, and of tdBN's/TET's own
+    neurons; BN is plain BatchNorm over T*B (tdBN with scale 1; SpikingJelly's multi-step
+    containers do the same); no zero-init of the last BN of each block (SEW's runs of Spiking
+    ResNet used --zero_init_residual); the stem conv + BN runs once and is repeated over T
+    (direct encoding, as in SEW's code); logits are per timestep, and their mean over T is
+    what SEW's code returns (it applies the FC to the time-mean; the FC is affine).
+
+    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
+    `classifier` (nn.Linear(512, num_classes)) is applied to [T, B, 512]: the spatial mean of
+    the last block's binary spikes, in [0, 1] (itself binary when that map is 1x1, i.e. 32x32
+    inputs).
+    """
+
+    block = BasicBlock
+
+
+class SEWResNet(_ImageNetResNet):
+    """SEW-ResNet-34 (spike-element-wise ResNet with ADD) of Fang et al., "Deep Residual Learning
+    in Spiking Neural Networks", NeurIPS 2021: the ResNet-34 layout with SEWBlock.
+
+        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2              [T, B, 64, H/4, W/4] spikes
+        SEW blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2        [T, B, 512, H/32, W/32] counts
+        global average pool, classifier FC num_classes          [T, B, num_classes]
+
+    Each block adds its residual branch's spikes to the shortcut, which is the identity or
+    1x1 conv + BN + LIF (SEW's downsample path ends with a spiking neuron), so block outputs
+    are NOT binary but sums of spikes: integers 0..n+1 at the end of a stage of n blocks (up to
+    7 inside the 256-wide stage, up to 4 at the last block's output). See SEWBlock.
+
+    Parameters: 21,797,672 at 1000 classes, as the Spiking ResNet-34 (the shortcut LIFs have
+    none); 21,289,802 at 10 classes.
+
+    Deviations and choices: the project's LIF (tau 2, hard reset to 0, threshold 1, ATan
+    surrogate alpha 2, gradient through the reset unless detach_reset=True) instead of SEW's
+    ImageNet neuron, the IF neuron (no leak) with ATan surrogate and detached reset; BN is
+    plain BatchNorm over T*B, which is what SEW's code does too (its SeqToANNContainer merges
+    T and B); the stem conv + BN runs once and is repeated over T, also as in SEW's code;
+    logits are per timestep, and their mean over T is what SEW's code returns (it applies the
+    FC to the time-mean of the pooled features; the FC is affine). Only ADD is implemented
+    (not SEW's AND and IAND connect functions).
+
+    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
+    `classifier` (nn.Linear(512, num_classes)) is applied to [T, B, 512]: the spatial mean of
+    the last block's spike counts. Non-negative (what spike-aware pruning's bounds need), but
+    not in [0, 1]: up to 4 here; integers when the last map is 1x1 (32x32 inputs). So
+    ||h_t||^2 is not a spike count for this network.
+    """
+
+    block = SEWBlock
 
 
 # VGG-11 (configuration "A" of Simonyan & Zisserman): channels, "M" = 2x2 max pool.
@@ -479,13 +616,15 @@ _BUILDERS = {
     "vgg11": SpikingVGG,
     "convnet": functools.partial(SpikingVGG, cfg=CONVNET),
     "conv1d": SpikingConv1d,
+    "spiking_resnet34": SpikingResNet,
+    "sew_resnet34": SEWResNet,
 }
 MODELS = tuple(_BUILDERS)
 
 
 def build_model(name: str, num_classes: int, T: int = 4, compile: bool = True, **kw) -> nn.Module:
     """Builds a network by name (one of MODELS). kw: LIF options (tau, v_threshold, v_reset,
-    surrogate, alpha, detach_reset) and, for vgg11, cfg."""
+    surrogate, alpha, detach_reset) and, for vgg11, cfg; for the ResNet-34s, stages."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)

@@ -187,13 +187,21 @@ def test_compiled_matches_eager():
 # Networks
 # ---------------------------------------------------------------------------------------------
 
-# name, input shape of one example, whether the classifier's input is binary at that size
-NETS = [("resnet19", (3, 16, 16), True), ("vgg11", (3, 32, 32), True),
-        ("convnet", (3, 32, 32), False), ("conv1d", (1, 40), True)]
+# name, input shape of one example, what enters the classifier at that size: "binary" spikes,
+# a "fraction" of spikes (spatial mean of binary spikes) or a "count" (SEW: sums of spikes; the
+# last map is 1x1 at 32x32, so the pooled counts are integers). 32x32 keeps the ResNet-34s at
+# about a second each (backward included) on one CPU thread.
+NETS = [("resnet19", (3, 16, 16), "binary"), ("vgg11", (3, 32, 32), "binary"),
+        ("convnet", (3, 32, 32), "fraction"), ("conv1d", (1, 40), "binary"),
+        ("spiking_resnet34", (3, 32, 32), "binary"), ("sew_resnet34", (3, 32, 32), "count")]
 
 
-@pytest.mark.parametrize("name, shape, binary_head", NETS)
-def test_network_shapes_hook_and_backward(name, shape, binary_head):
+def test_nets_cover_models():
+    assert sorted(name for name, _, _ in NETS) == sorted(MODELS)   # a new model joins NETS
+
+
+@pytest.mark.parametrize("name, shape, head", NETS)
+def test_network_shapes_hook_and_backward(name, shape, head):
     torch.manual_seed(0)
     T, B, C = 2, 4, 5
     model = build_model(name, num_classes=C, T=T, compile=False)
@@ -210,12 +218,15 @@ def test_network_shapes_hook_and_backward(name, shape, binary_head):
     h = seen["h"]
     assert h.shape == (T, B, model.classifier.in_features)
     assert seen["o"] is out
-    assert h.min() >= 0 and h.max() <= 1
+    assert h.min() >= 0                                  # what spike-aware pruning relies on
     assert h.max() > 0                                   # the head's inputs are not silent
-    if binary_head:
+    if head == "binary":
         assert set(h.unique().tolist()) == {0.0, 1.0}
-    else:
+    elif head == "fraction":
+        assert h.max() <= 1
         assert not set(h.unique().tolist()) <= {0.0, 1.0}   # pooled: fractions of spikes
+    else:                                                   # SEW: sums of spikes, 1 + 3 blocks
+        assert torch.equal(h, h.round()) and 1 < h.max() <= 4
 
     rate = model.spike_rate()
     assert rate.dim() == 0 and not rate.requires_grad and rate.dtype == torch.float32
@@ -245,7 +256,8 @@ def test_direct_encoding_runs_stem_once():
 
 
 def test_build_model():
-    assert set(MODELS) == {"resnet19", "vgg11", "convnet", "conv1d"}
+    assert set(MODELS) == {"resnet19", "vgg11", "convnet", "conv1d", "spiking_resnet34",
+                           "sew_resnet34"}
     with pytest.raises(ValueError) as err:
         build_model("resnet18", num_classes=10)
     assert all(name in str(err.value) for name in MODELS)
@@ -263,6 +275,8 @@ def test_build_model():
         assert lifs and not any(m.use_compile for m in lifs), name
     with pytest.raises(RuntimeError):
         model.spike_rate()                               # no forward yet
+    with pytest.raises(ValueError):
+        build_model("sew_resnet34", 10, stages=())
 
 
 def test_convnet_learns_synthetic_task():
