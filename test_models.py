@@ -299,3 +299,59 @@ def test_convnet_learns_synthetic_task():
     model.eval()
     with torch.no_grad():
         assert (model(x).mean(0).argmax(1) == y).float().mean() >= 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# The ImageNet ResNet-34s
+# ---------------------------------------------------------------------------------------------
+
+def resnet34_parameters(num_classes):
+    """torchvision's ResNet-34 counted by hand: bias-free convs, BN (weight + bias), FC."""
+    n = 3 * 64 * 7 * 7 + 2 * 64                                       # stem
+    c_in = 64
+    for c, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+        for i in range(blocks):
+            n += 9 * (c_in + c) * c + 2 * 2 * c                        # two 3x3 conv + BN
+            if c_in != c:
+                n += c_in * c + 2 * c                                  # 1x1 conv + BN shortcut
+            c_in = c
+    return n + 512 * num_classes + num_classes
+
+
+@pytest.mark.parametrize("name", ["spiking_resnet34", "sew_resnet34"])
+def test_resnet34_parameter_count(name):
+    # The literature's figure for ResNet-34 (and SEW-ResNet-34, whose neurons add none): 21.8M.
+    assert resnet34_parameters(1000) == 21_797_672
+    with torch.device("meta"):                          # no memory, no initialisation time
+        model = build_model(name, num_classes=1000, compile=False)
+        small = build_model(name, num_classes=10, compile=False)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == resnet34_parameters(1000)
+    assert abs(n - 21.8e6) / 21.8e6 < 0.01
+    assert sum(p.numel() for p in small.parameters()) == resnet34_parameters(10) == 21_289_802
+
+
+@pytest.mark.parametrize("name", ["spiking_resnet34", "sew_resnet34"])
+def test_resnet34_block_outputs(name):
+    """Spiking ResNet blocks output binary spikes; SEW blocks sums of spikes, integers 0..i+2
+    at the i-th block of a stage (its first block's downsample ends with a LIF)."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, T=2, compile=False)
+    blocks = list(model.blocks)
+    sew = name == "sew_resnet34"
+    assert [type(b) for b in blocks] == [models.SEWBlock if sew else models.BasicBlock] * 16
+    outs = []
+    for b in blocks:
+        b.register_forward_hook(lambda m, a, out: outs.append(out))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    bounds = [i + 2 for _, n, _ in models.RESNET34_STAGES for i in range(n)]
+    for b, out, bound in zip(blocks, outs, bounds):
+        if not sew:
+            assert set(out.unique().tolist()) <= {0.0, 1.0}
+            continue
+        assert out.min() >= 0 and torch.equal(out, out.round()) and out.max() <= bound
+        if not isinstance(b.shortcut, torch.nn.Identity):
+            assert isinstance(b.shortcut[-1], LIF)           # both addends are spikes
+    if sew:
+        assert max(out.max().item() for out in outs) > 1    # not binary: spikes do add up
