@@ -1,0 +1,351 @@
+"""ImageNet, and any data set in its folder-of-classes layout, streamed from disk.
+
+    DIR/train/<class>/<image>      DIR/val/<class>/<image>       (class names: any folder names)
+
+    folder = scan("path/to/imagenet")        # the layout is checked before anything trains
+    source = FolderSource(folder, size=224, workers=8, device="cuda", seed=0)
+    for idx, x, y, keep in source.train_batches(epoch, order.split(256)):   # order: list(sampler)
+        ...                                   # x: float [B, 3, 224, 224] normalised on the device
+
+The in-memory path of data.py is the fast one for sets that fit on the device (CIFAR); this
+one is for sets that do not. Images are decoded by Pillow (`pip install pillow`; Pillow-SIMD
+is a faster drop-in) in DataLoader worker processes, as uint8, and cross to the device as
+uint8; normalisation happens there. The sampler, SADP's or a baseline's, draws each epoch in
+the main process; the loader only reads the minibatches it is given, so the draw, its weights
+and its distribution over ranks are exactly those of the in-memory path.
+
+Augmentation (training): random-resized crop (area 8-100% of the image, aspect ratio 3/4-4/3,
+the Inception recipe that ImageNet training uses) and a horizontal flip. Evaluation: the
+shorter side resized to size / 0.875 (256 for 224) and the centre size x size crop.
+
+Two choices worth knowing:
+- Every random number of an image's augmentation comes from (seed, epoch, rank, position in
+  the epoch), not from a worker's random state. So the crops are the same whatever the number
+  of workers, and a run resumed at an epoch boundary sees exactly the images an uninterrupted
+  one would: the loader has no state to checkpoint beyond the sampler's.
+- JPEG files are decoded at reduced size where the crop allows: Pillow's `draft` has the
+  decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, and we ask for the largest reduction
+  that leaves the crop at least `size` pixels on each side. On ImageNet-sized photos most
+  random crops allow one (bench.py --only datapath measures the speed-up).
+
+A file that cannot be decoded stops the run with an error naming it (FolderSource raises
+data.DataError), or, with skip_corrupt=True, is counted and trained on with weight 0 (a black
+image in the batch, so that every rank keeps the same batch shape).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data import DataError, Normalizer
+
+# torchvision's list, compared case-insensitively: the files the layout scan takes as images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # the usual per-channel mean, std
+CROP_SCALE = (0.08, 1.0)          # random-resized crop: share of the image's area
+CROP_RATIO = (3 / 4, 4 / 3)       # and aspect ratio (width / height), drawn log-uniformly
+EVAL_CROP = 0.875                 # evaluation: centre crop of size out of a size / 0.875 resize
+
+
+def require_pillow():
+    """The PIL.Image module, or a DataError naming the install command."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise DataError("--data imagenet / imagefolder decode images with Pillow, which is not "
+                        "installed: pip install pillow (or the faster drop-in pillow-simd)") from e
+    return Image
+
+
+# -- The layout --------------------------------------------------------------------------------
+
+class Split(NamedTuple):
+    """One split's images: paths relative to `root` (a numpy bytes array: no per-path Python
+    object, so forked workers do not copy 1.28M refcounted strings) and int64 labels."""
+    root: str
+    paths: np.ndarray
+    labels: Tensor
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.paths[index]))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class Folder(NamedTuple):
+    """A scanned DIR: class names (sorted folder names; label i is classes[i]), train, val."""
+    root: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+
+    def digest(self) -> bytes:
+        """SHA-256 of every split's file list and labels: equal on two machines only if they
+        would read the same examples in the same order (checked across ranks under DDP)."""
+        h = hashlib.sha256()
+        for split in (self.train, self.val):
+            h.update(b"\0".join(split.paths.tolist()))
+            h.update(split.labels.numpy().tobytes())
+        return h.digest()
+
+
+LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image>, the same class "
+          "folders in both (ImageNet's layout; its validation images ship in one flat folder and "
+          "must first be sorted into val/<class>/ folders by the devkit's labels)")
+
+
+def scan(root: str | os.PathLike) -> Folder:
+    """Lists DIR/train and DIR/val and checks the layout; DataError with the fix if it is wrong:
+    no such folder, no train/ or val/, images lying outside class folders, an empty class
+    folder, a class in one split but not the other."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} is not a folder; {LAYOUT}.")
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"{root} has no {' or '.join(s + '/' for s in missing)} folder; {LAYOUT}.")
+    classes = _class_folders(root / "train")
+    val_classes = _class_folders(root / "val")
+    for split, mine, other in (("val", classes, val_classes), ("train", val_classes, classes)):
+        lacking = sorted(set(mine) - set(other))
+        if lacking:
+            raise DataError(f"{len(lacking)} class(es) have no folder in {root / split}: "
+                            f"{_some(lacking)}; {LAYOUT}.")
+    return Folder(str(root), tuple(classes), _list_split(root / "train", classes),
+                  _list_split(root / "val", classes))
+
+
+def _class_folders(split: Path) -> list[str]:
+    entries = [e for e in os.scandir(split) if not e.name.startswith(".")]
+    folders = sorted(e.name for e in entries if e.is_dir())
+    loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    if loose:
+        raise DataError(f"{split} holds {len(loose)} image(s) outside class folders (e.g. "
+                        f"{loose[0]}); {LAYOUT}.")
+    if not folders:
+        raise DataError(f"{split} has no class folders; {LAYOUT}.")
+    return folders
+
+
+def _list_split(split: Path, classes: list[str]) -> Split:
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        files = sorted(e.name for e in os.scandir(split / name)
+                       if e.is_file() and not e.name.startswith(".") and _is_image(e.name))
+        if not files:
+            empty.append(name)
+        paths += [os.fsencode(os.path.join(name, f)) for f in files]
+        labels += [label] * len(files)
+    if empty:
+        raise DataError(f"{len(empty)} class folder(s) in {split} hold no image "
+                        f"({', '.join(IMAGE_EXTENSIONS)}): {_some(empty)}. Remove them from both "
+                        f"train/ and val/, or fill them.")
+    return Split(str(split), np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.long))
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _some(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+# -- Decoding and augmentation (run in the worker processes) ------------------------------------
+
+def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE,
+             ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+    """A random-resized crop's (left, top, right, bottom) in a width x height image: area a share
+    U(scale) of the image's, aspect ratio log-uniform in `ratio`, placed uniformly. Ten tries;
+    then the largest centred crop with its aspect ratio clipped to `ratio`."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = min(width, round(height * aspect)), min(height, round(width / aspect))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def centre_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The centre size x size crop of the image resized so that its shorter side is
+    size / EVAL_CROP, as a box in the original image's pixels."""
+    side = min(width, height) * EVAL_CROP
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def load_image(path: str, size: int, rng: np.random.Generator | None, draft: bool = True) -> Tensor:
+    """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
+    probability 1/2, when rng is given (training); the evaluation centre crop otherwise.
+    Pillow's errors for unreadable files propagate (OSError, SyntaxError, ValueError, ...)."""
+    Image = require_pillow()
+    with Image.open(path) as img:
+        width, height = img.size
+        box = crop_box(width, height, rng) if rng is not None else centre_box(width, height, size)
+        if draft and img.format == "JPEG":
+            # the largest DCT scaling (1/2, 1/4, 1/8) that keeps the crop >= size on both sides
+            shrink = min(box[2] - box[0], box[3] - box[1]) / size
+            if shrink >= 2:
+                img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+                sx, sy = img.size[0] / width, img.size[1] / height
+                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        out = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+        if rng is not None and rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(out))
+
+
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)   # what Pillow raises for bad files
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """A split as a map-style data set. Training keys are (epoch, rank, position, index) (the
+    augmentation's seed comes from the key, see the module docstring); evaluation keys are
+    indices. An item is (uint8 image [size, size, 3], label, index, ok); ok is False, and the
+    image black, if the file could not be decoded (the main process decides what that means)."""
+
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, draft: bool = True,
+                 augment: bool = True):
+        self.split, self.size, self.train, self.seed = split, size, train, seed
+        self.draft, self.augment = draft, augment
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key):
+        if self.train:
+            epoch, rank, position, index = key
+            rng = np.random.default_rng((self.seed, epoch, rank, position)) if self.augment else None
+        else:
+            index, rng = key, None
+        label = int(self.split.labels[index])
+        try:
+            return load_image(self.split.path(index), self.size, rng, self.draft), label, index, True
+        except UNREADABLE:
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
+
+
+class Batches:
+    """A DataLoader's batch_sampler whose minibatches the main process sets before each pass,
+    so that persistent workers serve a new draw every epoch."""
+
+    def __init__(self):
+        self.keys: list[list] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def make_loader(dataset: FolderDataset, batches: Batches, workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+# -- The source train.py reads -------------------------------------------------------------------
+
+class FolderSource:
+    """A scanned folder as train.py's data source: minibatches of the sampler's draw, normalised
+    on the device. The in-memory sets have the same interface (train.MemorySource)."""
+
+    def __init__(self, folder: Folder, size: int, workers: int, device, seed: int = 0,
+                 rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True):
+        require_pillow()
+        self.folder, self.device, self.rank, self.skip_corrupt = folder, torch.device(device), rank, skip_corrupt
+        self.num_train, self.num_test = len(folder.train), len(folder.val)
+        self.num_classes = len(folder.classes)
+        self.norm = Normalizer(IMAGENET_STATS, self.device)
+        self.skipped = 0                  # unreadable images met so far (with skip_corrupt)
+        self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch
+        pin = self.device.type == "cuda"
+        self._train_batches, self._test_batches = Batches(), Batches()
+        self._train = make_loader(FolderDataset(folder.train, size, True, seed, draft, augment),
+                                  self._train_batches, workers, pin)
+        self._test = make_loader(FolderDataset(folder.val, size, False, seed, draft),
+                                 self._test_batches, workers, pin)
+
+    def train_batches(self, epoch: int, batches: list[Tensor]) -> Iterator[tuple]:
+        """(idx, x, y, keep) per minibatch of indices: keep is None, or a 0/1 float tensor on the
+        device marking the images that were read (with skip_corrupt). The host's time blocked
+        on the loader adds to wait_seconds: near 0 while the workers keep ahead of training
+        (on a GPU the host runs ahead of the device, so this is time the device went unfed)."""
+        position = 0
+        self._train_batches.keys = []
+        for idx in batches:
+            keys = [(epoch, self.rank, position + j, i) for j, i in enumerate(idx.tolist())]
+            self._train_batches.keys.append(keys)
+            position += len(idx)
+        t0 = time.perf_counter()
+        loader = iter(self._train)               # the first epoch: starts the workers
+        self.wait_seconds += time.perf_counter() - t0
+        for idx in batches:
+            t0 = time.perf_counter()
+            images, labels, index, ok = next(loader)
+            self.wait_seconds += time.perf_counter() - t0
+            if not torch.equal(index, idx):
+                raise RuntimeError("the loader returned another minibatch than it was given")
+            keep = self._keep(self.folder.train, index, ok)
+            yield idx, self._to_device(images), labels.to(self.device, non_blocking=True), keep
+
+    def test_batches(self, rank: int, world_size: int, batch_size: int) -> Iterator[tuple]:
+        """(x, y) for this rank's share of the validation set; y is -1 for skipped images."""
+        mine = torch.arange(rank, self.num_test, world_size)
+        self._test_batches.keys = [b.tolist() for b in mine.split(batch_size)]
+        for images, labels, index, ok in self._test:
+            keep = self._keep(self.folder.val, index, ok)
+            y = labels.to(self.device, non_blocking=True)
+            yield self._to_device(images), (y if keep is None else torch.where(keep > 0, y, -1))
+
+    def _to_device(self, images: Tensor) -> Tensor:
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)   # [B, 3, H, W] uint8
+        return self.norm(x).contiguous()
+
+    def _keep(self, split: Split, index: Tensor, ok: Tensor) -> Tensor | None:
+        if bool(ok.all()):
+            return None
+        bad = index[~ok].tolist()
+        if not self.skip_corrupt:
+            path = split.path(bad[0])
+            raise DataError(f"cannot read image {path} ({why_unreadable(path)}). Replace it with "
+                            f"a good copy and continue with --resume, or pass --skip-corrupt to "
+                            f"train on without it.")
+        self.skipped += len(bad)
+        return ok.to(self.device, torch.float32, non_blocking=True)
+
+    def close(self) -> None:
+        """Stops the worker processes now rather than when the loaders are garbage-collected."""
+        for loader in (self._train, self._test):
+            running = getattr(loader, "_iterator", None)      # persistent workers live here
+            if running is not None and hasattr(running, "_shutdown_workers"):
+                running._shutdown_workers()
+        self._train = self._test = None
+
+
+def why_unreadable(path: str) -> str:
+    """Pillow's complaint about a file the workers could not decode (read again here)."""
+    Image = require_pillow()
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+    except UNREADABLE as e:
+        return f"{type(e).__name__}: {e}"
+    return "it decodes now; was it being written to?"
