@@ -192,7 +192,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--exact-score", "--method", "ann"], "--exact-score"),
     (["--score", "network", "--method", "ann"], "--score network"),
     (["--score", "network", "--exact-score"], "--score network"),
-    (["--data", "imagenet"], "--data"),
+    (["--data", "tinyimagenet"], "--data"),
     (["--data", "mnist1d", "--model", "convnet"], "--model convnet does not take"),
     (["--data", "synthetic", "--model", "conv1d"], "--model conv1d does not take"),
     # issue 12, defect 4: each of these crashed with a traceback

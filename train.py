@@ -45,6 +45,7 @@ except ImportError:
 
 import baselines
 import data
+import imagefolder
 import models
 from baselines import baseline_loss
 from sadp import HeadTap, NetworkTap, SADPSampler, all_gather_cat, spike_aware_loss
@@ -52,6 +53,16 @@ from sadp import HeadTap, NetworkTap, SADPSampler, all_gather_cat, spike_aware_l
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 SEEDS = 2**32                        # --seed lies in [0, 2**32), as numpy's seeds do
 SCHEDULES = ("constant", "warmup", "anneal")
+FOLDER_SETS = ("imagenet", "imagefolder")   # streamed from disk (imagefolder.py); the rest: in memory
+
+# Each family's defaults: the recipe the SNN literature trains its usual network with (README,
+# "Recipes"). A flag given on the command line wins.
+RECIPES = {
+    "cifar": dict(model="resnet19", epochs=200, batch_size=128, weight_decay=5e-4),  # tdBN / TET
+    "mnist1d": dict(model="conv1d", epochs=40, batch_size=128, weight_decay=5e-4),
+    "folder": dict(model="sew_resnet34", epochs=320, batch_size=256, weight_decay=0.0,
+                   image_size=224),                                                 # SEW ResNet
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,25 +72,40 @@ SCHEDULES = ("constant", "warmup", "anneal")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=data.DATASETS, default="cifar10",
+    p.add_argument("--data", choices=data.DATASETS + FOLDER_SETS, default="cifar10",
                    help="data set (default cifar10; synthetic needs no download; mnist1d needs "
-                        "`pip install mnist1d`)")
-    p.add_argument("--data-dir", default="data", help="where data sets are cached (default ./data)")
+                        "`pip install mnist1d`; imagenet and imagefolder stream DIR/train/<class>/ "
+                        "and DIR/val/<class>/ from --data-dir and need `pip install pillow`)")
+    p.add_argument("--data-dir", default=None,
+                   help="where data sets are cached (default ./data); for imagenet (default "
+                        "./data/imagenet) and imagefolder (required) the folder holding train/ and val/")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="imagenet/imagefolder: crop size in pixels (default 224)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="imagenet/imagefolder: decoding processes per GPU/process (default: the "
+                        "CPU cores shared among the processes of this machine, at most 8)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="imagenet/imagefolder: train on past an image that cannot be decoded (it "
+                        "gets weight 0 and is counted in the epoch's row) instead of stopping")
     p.add_argument("--train-size", type=int, default=None,
                    help="synthetic only: training examples (default 10000)")
     p.add_argument("--test-size", type=int, default=None,
                    help="synthetic only: test examples (default 2000)")
     p.add_argument("--model", choices=models.MODELS, default=None,
                    help="network (default resnet19, the usual CIFAR SNN; conv1d for mnist1d, the "
-                        "only one that takes its 1-D signals; convnet for CPU demos)")
+                        "only one that takes its 1-D signals; sew_resnet34 for imagenet and "
+                        "imagefolder; convnet for CPU demos)")
     p.add_argument("--T", type=int, default=4, help="timesteps (default 4, as in tdBN/TET on CIFAR)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="epochs (default 200; 40 for mnist1d, where full data has converged by then)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="global batch size, split over DDP ranks (default 128)")
+                   help="epochs (default 200; 40 for mnist1d, where full data has converged by "
+                        "then; 320 for imagenet/imagefolder)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size, split over DDP ranks (default 128; 256 for "
+                        "imagenet/imagefolder)")
     p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (default 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 5e-4)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay (default 5e-4; 0 for imagenet/imagefolder)")
     p.add_argument("--no-augment", action="store_true",
                    help="no random crop + flip (on by default for the image sets, as for CIFAR; "
                         "mnist1d has none)")
@@ -106,15 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     one_d = args.data == "mnist1d"
-    if args.model is None:
-        args.model = "conv1d" if one_d else "resnet19"
-    if args.epochs is None:
-        args.epochs = 40 if one_d else 200
+    resolve_defaults(parser, args)
     if (args.model == "conv1d") != one_d:
         parser.error(f"--model {args.model} does not take --data {args.data}: conv1d is the network "
                      f"for mnist1d's 1-D signals, the others are for images")
-    for name, low in (("T", 1), ("epochs", 1), ("batch_size", 1)):
-        if getattr(args, name) < low:
+    for name, low in (("T", 1), ("epochs", 1), ("batch_size", 1), ("image_size", 8), ("workers", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.epochs:
         parser.error(f"--stop-after must lie in [1, --epochs = {args.epochs}]; got {args.stop_after}")
@@ -153,6 +176,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.join("runs", f"{args.data}-{args.model}-{args.method}-r{args.ratio:g}-s{args.seed}")
     return args
+
+
+def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fills the flags left unset from the data set's RECIPES entry and --data-dir's default;
+    refuses the streaming path's flags for the in-memory sets."""
+    folder = args.data in FOLDER_SETS
+    family = "folder" if folder else "mnist1d" if args.data == "mnist1d" else "cifar"
+    for key, value in RECIPES[family].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not folder:
+        for flag in ("image_size", "workers", "skip_corrupt"):
+            if getattr(args, flag) not in (None, False):
+                parser.error(f"--{flag.replace('_', '-')} is for --data imagenet / imagefolder only")
+    elif args.workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.workers = max(1, min(8, (os.cpu_count() or 1) // local))
+    if args.data_dir is None:
+        if args.data == "imagefolder":
+            parser.error("--data imagefolder needs --data-dir DIR, the folder holding train/<class>/ "
+                         "and val/<class>/")
+        args.data_dir = os.path.join("data", "imagenet") if args.data == "imagenet" else "data"
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
@@ -495,7 +540,7 @@ def setup_distributed(args):
 def load_data(args, rank: int, world_size: int) -> data.ArrayDataset:
     """Rank 0 downloads and verifies first; the others then read the verified files.
     (If rank 0 fails, the others pass the barrier, fail the same way and exit too.)"""
-    if rank != 0:
+    if world_size > 1 and rank != 0:
         dist.barrier()
     try:
         return data.load_dataset(args.data, args.data_dir, **_synthetic_sizes(args), seed=args.seed)
@@ -504,8 +549,62 @@ def load_data(args, rank: int, world_size: int) -> data.ArrayDataset:
             dist.barrier()
 
 
+class MemorySource:
+    """A data set held whole on the device (CIFAR, synthetic, MNIST-1D), with batched crop + flip
+    there. train.py reads its data through this interface; imagefolder.FolderSource streams
+    the sets that do not fit."""
+
+    skipped = 0                                  # nothing here is unreadable
+    wait_seconds = 0.0                           # nor waited for
+
+    def __init__(self, dataset: data.ArrayDataset, device, norm, augment: bool, aug_gen):
+        self.x_train, self.y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+        self.x_test, self.y_test = dataset.x_test.to(device), dataset.y_test.to(device)
+        self.num_train, self.num_test, self.num_classes = len(self.x_train), len(self.x_test), dataset.num_classes
+        self.device, self.norm, self.augment, self.aug_gen = device, norm, augment, aug_gen
+
+    def train_batches(self, epoch: int, batches: list[torch.Tensor]):
+        """(idx, x, y, keep) per minibatch of indices; keep is None (every example is there)."""
+        for idx in batches:
+            idx_dev = idx.to(self.device, non_blocking=True)
+            xb = self.x_train[idx_dev]
+            yield idx, self.norm(data.augment(xb, generator=self.aug_gen) if self.augment else xb), \
+                self.y_train[idx_dev], None
+
+    def test_batches(self, rank: int, world_size: int, batch_size: int):
+        """(x, y) for this rank's share of the test set."""
+        for start in range(rank * batch_size, self.num_test, batch_size * world_size):
+            yield self.norm(self.x_test[start:start + batch_size]), self.y_test[start:start + batch_size]
+
+    def close(self) -> None:
+        pass
+
+
+def make_source(args, rank: int, world_size: int, device, dataset, stats):
+    """The run's data: a FolderSource for imagenet/imagefolder, else a MemorySource."""
+    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
+    if args.data not in FOLDER_SETS or dataset is not None:
+        if dataset is None:
+            dataset = load_data(args, rank, world_size)
+        return MemorySource(dataset, device, data.make_normalizer(stats or args.data, device),
+                            not args.no_augment and dataset.x_train.dim() == 4, aug_gen), aug_gen
+    folder = imagefolder.scan(args.data_dir)
+    if args.data == "imagenet" and len(folder.classes) != 1000:
+        raise RunError(f"--data imagenet: {args.data_dir} has {len(folder.classes)} classes, "
+                       f"ImageNet-1k has 1000; for another set in its layout (ImageNet-100, "
+                       f"Tiny-ImageNet, ...) use --data imagefolder.")
+    if world_size > 1:    # every rank must index the same files in the same order
+        digest = torch.frombuffer(bytearray(folder.digest()), dtype=torch.uint8)
+        if len({bytes(d.tolist()) for d in _every_rank(digest, world_size)}) > 1:
+            raise RunError(f"the processes see different files in {args.data_dir}; every node "
+                           f"needs the same copy of the data set.")
+    return imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed,
+                                    rank=rank, skip_corrupt=args.skip_corrupt,
+                                    augment=not args.no_augment), aug_gen
+
+
 def setup(args, place, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
-    """Everything a run holds: its place, the data on the device, model, optimizer, method, RNGs."""
+    """Everything a run holds: its place, its data source, model, optimizer, method, RNGs."""
     rank, world_size, device = place
     manifest = read_manifest(args.out) if os.path.isdir(args.out) else None
     if manifest is not None and not args.resume:
@@ -513,21 +612,16 @@ def setup(args, place, dataset: data.ArrayDataset | None, stats) -> SimpleNamesp
                        f"pass --resume to continue it, or start fresh with another --out (or "
                        f"delete {args.out}).")
     torch.manual_seed(args.seed)
-    if dataset is None:
-        dataset = load_data(args, rank, world_size)
-    model = models.build_model(args.model, dataset.num_classes, T=args.T,
+    source, aug_gen = make_source(args, rank, world_size, device, dataset, stats)
+    model = models.build_model(args.model, source.num_classes, T=args.T,
                                compile=not args.no_compile).to(device)
     r = SimpleNamespace(
         args=args, rank=rank, world_size=world_size, device=device, main=rank == 0,
-        x_train=dataset.x_train.to(device), y_train=dataset.y_train.to(device),
-        x_test=dataset.x_test.to(device), y_test=dataset.y_test.to(device),
-        norm=data.make_normalizer(stats or args.data, device), model=model,
-        augment=not args.no_augment and dataset.x_train.dim() == 4,   # images; mnist1d's signals: none
-        tap=HeadTap(model.classifier, T=args.T), train_model=model,
+        source=source, model=model, tap=HeadTap(model.classifier, T=args.T), train_model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                   nesterov=True, weight_decay=args.weight_decay),
-        method=make_method_or_exit(args, model, len(dataset.x_train), rank, world_size),
-        aug_gen=torch.Generator(device=device).manual_seed(args.seed + 7919 * rank),
+        method=make_method_or_exit(args, model, source.num_train, rank, world_size),
+        aug_gen=aug_gen,
         amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext,
         local_batch=args.batch_size // world_size,
         progress={"epoch": 0, "history": [], "example_passes": 0, "train_seconds": 0.0,
@@ -555,20 +649,20 @@ def train_epoch(r, epoch: int) -> dict:
     loss_sum, rate_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     seen_idx, seen_scores = [], []
+    skipped_before, wait_before = r.source.skipped, r.source.wait_seconds
     _sync(device)
     t0 = time.perf_counter()
     show = progress_line(r, len(batches))
-    for step, idx in enumerate(batches):
+    for step, (idx, xb, yb, keep) in enumerate(r.source.train_batches(epoch, batches)):
         for group in r.optimizer.param_groups:
             group["lr"] = cosine_lr(lr, (epoch + step / len(batches)) / args.epochs)
-        idx_dev = idx.to(device, non_blocking=True)
-        xb = r.x_train[idx_dev]
-        xb = r.norm(data.augment(xb, generator=r.aug_gen) if r.augment else xb)
         w = sampler.weights(idx).to(device, non_blocking=True)
+        if keep is not None:         # --skip-corrupt: an unreadable image trains with weight 0
+            w = w * keep
         with r.amp_ctx():
             r.train_model(xb)
         outputs, head_inputs = r.tap.pop()
-        loss, scores = r.method.loss(outputs, r.y_train[idx_dev], head_inputs, w)
+        loss, scores = r.method.loss(outputs, yb, head_inputs, w)
         r.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         scores = r.method.after_backward(scores, w)
@@ -577,8 +671,9 @@ def train_epoch(r, epoch: int) -> dict:
         bad_step = torch.where(torch.isfinite(loss_d) | (bad_step >= 0), bad_step, step)
         loss_sum += loss_d * len(idx)
         rate_sum += r.model.spike_rate().detach().float()
-        seen_idx.append(idx_dev)
-        seen_scores.append(scores)
+        read = slice(None) if keep is None else keep.bool()     # no score for a black stand-in
+        seen_idx.append(idx.to(device, non_blocking=True)[read])
+        seen_scores.append(scores[read])
         show(step + 1, (step + 1) * r.local_batch * r.world_size)
     if int(bad_step) >= 0:
         raise Diverged(
@@ -586,14 +681,21 @@ def train_epoch(r, epoch: int) -> dict:
             f"{len(batches)} (lr {args.lr}). {last_good(args.out)} Lower --lr, or try "
             f"--no-compile / without --amp to locate the cause.")
     sampler.update(torch.cat(seen_idx), torch.cat(seen_scores))
+    skipped = torch.tensor(float(r.source.skipped - skipped_before), device=device)
+    waited = torch.tensor(r.source.wait_seconds - wait_before, device=device)
     if r.world_size > 1:
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(rate_sum)
+        for total in (loss_sum, rate_sum, skipped, waited):
+            dist.all_reduce(total)
     _sync(device)
-    examples = len(order) * r.world_size
-    return {"epoch": epoch + 1, "examples": examples, "seconds": time.perf_counter() - t0,
-            "train_loss": loss_sum.item() / examples,
-            "spike_rate": rate_sum.item() / (len(batches) * r.world_size)}
+    examples, seconds = len(order) * r.world_size, time.perf_counter() - t0
+    row = {"epoch": epoch + 1, "examples": examples, "seconds": seconds,
+           "train_loss": loss_sum.item() / examples,
+           "spike_rate": rate_sum.item() / (len(batches) * r.world_size)}
+    if args.data in FOLDER_SETS:     # the share of the epoch spent waiting for images (rank mean)
+        row["data_wait"] = waited.item() / r.world_size / seconds
+    if args.skip_corrupt:
+        row["skipped"] = int(skipped.item())
+    return row
 
 
 def progress_line(r, total: int) -> Callable:
@@ -628,18 +730,24 @@ def check_finite(r, epoch: int) -> None:
 
 
 def evaluate(r, batch_size: int = 500) -> float:
-    """Test accuracy of the rate readout (argmax of the mean over t), sharded over ranks."""
+    """Test accuracy of the rate readout (argmax of the mean over t), sharded over ranks. An
+    image skipped as unreadable (label -1) counts in neither the hits nor the total."""
     r.model.eval()
+    if r.args.data in FOLDER_SETS:      # decoded images: batches of the training size fit
+        batch_size = r.local_batch
     correct = torch.zeros((), dtype=torch.long, device=r.device)
+    total = torch.zeros((), dtype=torch.long, device=r.device)
     with torch.no_grad(), r.amp_ctx():
-        for start in range(r.rank * batch_size, len(r.x_test), batch_size * r.world_size):
-            r.model(r.norm(r.x_test[start:start + batch_size]))
+        for xb, yb in r.source.test_batches(r.rank, r.world_size, batch_size):
+            r.model(xb)
             outputs, _ = r.tap.pop()
-            correct += (outputs.float().mean(0).argmax(-1) == r.y_test[start:start + batch_size]).sum()
+            correct += (outputs.float().mean(0).argmax(-1) == yb).sum()
+            total += (yb >= 0).sum()
     if r.world_size > 1:
         dist.all_reduce(correct)
+        dist.all_reduce(total)
     r.model.train()
-    return correct.item() / len(r.x_test)
+    return correct.item() / max(total.item(), 1)
 
 
 def run_state(r) -> dict:
@@ -693,7 +801,7 @@ def restore(r) -> None:
 def summarise(r) -> dict:
     """The run's summary; rank 0 writes it to <out>/results.json and prints it."""
     args, p = r.args, r.progress
-    history, passes, N = p["history"], p["example_passes"], len(r.x_train)
+    history, passes, N = p["history"], p["example_passes"], r.source.num_train
     summary = {
         "method": args.method, "ratio": args.ratio, "data": args.data, "model": args.model,
         "T": args.T, "epochs": args.epochs, "seed": args.seed, "world_size": r.world_size,
@@ -738,6 +846,7 @@ def run(args, dataset: data.ArrayDataset | None = None, stats=None) -> dict:
         finally:
             r.tap.remove()
             r.method.close()
+            r.source.close()
         if r.world_size > 1:
             dist.barrier()       # no rank tears down its process group while another still uses it
     return summary
@@ -749,15 +858,20 @@ def train_epochs(r, started: float) -> dict:
     last_epoch = args.epochs if args.stop_after is None else args.stop_after
     if p["epoch"] >= last_epoch:     # --resume of a finished run: leave its results as they are
         return finished(r)
-    r.say(f"{args.method} r={args.ratio:g} on {args.data} ({len(r.x_train)} examples), {args.model} "
+    r.say(f"{args.method} r={args.ratio:g} on {args.data} ({r.source.num_train} examples), {args.model} "
           f"T={args.T}, {r.world_size} process(es) on {r.device}")
-    r.say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}")
+    r.say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}"
+          + (f" {'data_wait':>9}" if args.data in FOLDER_SETS else "")
+          + (f" {'skipped':>7}" if args.skip_corrupt else ""))
     for row in p["history"]:
         r.say(_row(row))
     wall_before = p["wall_seconds"]  # of the earlier parts of a resumed run
     for epoch in range(p["epoch"], last_epoch):
-        row = train_epoch(r, epoch)
-        row["test_acc"] = evaluate(r)
+        try:
+            row = train_epoch(r, epoch)
+            row["test_acc"] = evaluate(r)
+        except data.DataError as e:     # an unreadable image: the last checkpoint is intact
+            raise RunError(f"{e} {last_good(args.out)}") from e
         check_finite(r, epoch)
         p["history"].append(row)
         p.update(epoch=epoch + 1, example_passes=p["example_passes"] + row["examples"],
@@ -798,7 +912,7 @@ def _synthetic_sizes(args) -> dict:
 
 
 _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_size", "lr", "momentum",
-             "no_augment",
+             "no_augment", "image_size",
              "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
              "initial_score", "replacement", "exact_score", "score", "seed", "smoothing", "schedule",
              "lr_scale", "max_lr_scale", "weight_power")
@@ -821,7 +935,9 @@ def _check_same_run(args, saved: dict) -> None:
 
 def _row(r: dict) -> str:
     return (f"{r['epoch']:>5} {r['examples']:>9} {r['seconds']:>8.2f} {r['train_loss']:>10.4f} "
-            f"{r['test_acc']:>8.2%} {r['spike_rate']:>10.4f}")
+            f"{r['test_acc']:>8.2%} {r['spike_rate']:>10.4f}"
+            + (f" {r['data_wait']:>9.1%}" if "data_wait" in r else "")
+            + (f" {r['skipped']:>7}" if "skipped" in r else ""))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,260 @@
+"""The streaming data path (imagefolder.py, --data imagefolder): a tiny ImageFolder of real JPEG
+files written by the tests, read by DataLoader workers, end to end through train.py."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import imagefolder
+import train
+from data import DataError
+
+Image = pytest.importorskip("PIL.Image", reason="the streaming path decodes with Pillow")
+
+CLASSES = ("cat", "dog", "owl")
+
+
+def write_folder(root, train_per_class=6, val_per_class=2, seed=0):
+    """DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG: noise images of 40-90 px whose class
+    sets one colour channel (learnable, and of assorted sizes and aspect ratios)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for label, name in enumerate(CLASSES):
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(n):
+                w, h = rng.integers(40, 90, size=2)
+                pixels = (rng.random((h, w, 3)) * 120).astype(np.uint8)
+                pixels[..., label] += 120
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.JPEG"), quality=90)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("imagefolder") / "ds")
+
+
+def flags(data_dir, out, *extra):
+    return ["--data", "imagefolder", "--data-dir", data_dir, "--model", "convnet", "--device", "cpu",
+            "--no-compile", "--image-size", "32", "--workers", "2", "--batch-size", "4", "--T", "2",
+            "--lr", "0.05", "--quiet", "--out", str(out), *extra]
+
+
+def run(*argv):
+    return train.run(train.parse_args(list(argv)))
+
+
+# -- The layout ---------------------------------------------------------------------------------
+
+def test_scan_lists_classes_files_and_labels_in_a_fixed_order(folder, tmp_path):
+    f = imagefolder.scan(folder)
+    assert f.classes == CLASSES
+    assert len(f.train) == 18 and len(f.val) == 6
+    for split in (f.train, f.val):
+        for i in range(len(split)):
+            path = split.path(i)
+            assert os.path.isfile(path)
+            assert os.path.basename(os.path.dirname(path)) == CLASSES[int(split.labels[i])]
+    assert imagefolder.scan(folder).digest() == f.digest()
+    copy = write_folder(tmp_path / "copy")
+    os.rename(os.path.join(copy, "train", "owl", "5.JPEG"), os.path.join(copy, "train", "owl", "9.JPEG"))
+    assert imagefolder.scan(copy).digest() != f.digest()          # another file: another digest
+
+
+def _no_val(root):
+    os.rename(os.path.join(root, "val"), os.path.join(root, "validation"))
+
+
+def _flat_val(root):           # ImageNet's val/ as it ships: images, no class folders
+    val = os.path.join(root, "val")
+    for name in CLASSES:
+        for f in os.listdir(os.path.join(val, name)):
+            os.rename(os.path.join(val, name, f), os.path.join(val, f"{name}_{f}"))
+        os.rmdir(os.path.join(val, name))
+
+
+def _empty_class(root):
+    os.makedirs(os.path.join(root, "train", "emu"))
+    os.makedirs(os.path.join(root, "val", "emu"))
+
+
+def _class_missing_from_val(root):
+    for f in os.listdir(os.path.join(root, "val", "dog")):
+        os.remove(os.path.join(root, "val", "dog", f))
+    os.rmdir(os.path.join(root, "val", "dog"))
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (None, "not a folder"),
+    (_no_val, "has no val/ folder"),
+    (_flat_val, "outside class folders"),
+    (_empty_class, "hold no image"),
+    (_class_missing_from_val, "have no folder in"),
+])
+def test_a_wrong_layout_is_named_before_any_training(tmp_path, capsys, break_it, message):
+    root = tmp_path / "ds"
+    if break_it is not None:                 # None: no folder at all
+        write_folder(root, 2, 1)
+        break_it(str(root))
+    with pytest.raises(DataError, match=message):
+        imagefolder.scan(root)
+    assert train.main(flags(str(root), tmp_path / "run")) == 2
+    err = capsys.readouterr()
+    assert message in err.err and str(root) in err.err
+    assert "epoch" not in err.out                                  # nothing trained
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+
+
+# -- Decoding and augmentation -------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(1, 3000), height=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1))
+def test_crop_box_lies_in_the_image_with_an_allowed_aspect_ratio(width, height, seed):
+    left, top, right, bottom = imagefolder.crop_box(width, height, np.random.default_rng(seed))
+    w, h = right - left, bottom - top
+    assert 0 <= left < right <= width and 0 <= top < bottom <= height
+    lo, hi = imagefolder.CROP_RATIO
+    if min(width, height) >= 8:       # up to rounding: w = a h for some allowed a, or the whole side
+        assert lo * h - 1 <= w <= hi * h + 1 or w == width or h == height
+
+
+def test_crop_box_area_and_aspect_follow_their_distributions():
+    rng = np.random.default_rng(0)
+    boxes = np.array([imagefolder.crop_box(400, 400, rng) for _ in range(8000)])
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    share, log_aspect = w * h / 400**2, np.log(w / h)
+    assert share.min() >= 0.075 and share.max() <= 1.0
+    assert np.log(3 / 4) - 0.02 <= log_aspect.min() and log_aspect.max() <= np.log(4 / 3) + 0.02
+    assert abs(log_aspect.mean()) < 0.01                          # a square image: symmetric
+    # every draw with area share <= 3/4 * 3/4 fits a square at any allowed aspect, so the
+    # accepted shares are uniform there: four equal bins hold equal counts
+    counts, _ = np.histogram(share, bins=4, range=(0.08, 0.5625))
+    assert counts.sum() > 0.5 * len(share)
+    assert (abs(counts / counts.mean() - 1) < 0.1).all(), counts
+    centre = (boxes[:, 0] + boxes[:, 2]) / 2
+    assert abs(centre.mean() - 200) < 4                            # placed without bias
+
+
+def smooth_photo(path, width=800, height=600):
+    """A smooth, photo-like JPEG: low-frequency colour fields (where DCT downscaling is exact
+    enough to compare against full decoding)."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    pixels = np.stack([np.sin(6 * x + 1) * np.cos(5 * y), np.cos(7 * x * y + 2 * y),
+                       np.sin(4 * (x + y))], -1)
+    Image.fromarray(((pixels + 1) * 127.5).astype(np.uint8)).save(path, quality=95)
+    return str(path)
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1, 2, 3, 4, 5])    # None: the evaluation crop
+def test_reduced_size_jpeg_decoding_gives_the_image_full_decoding_gives(tmp_path, seed):
+    path = smooth_photo(tmp_path / "photo.jpg")
+    rng = lambda: None if seed is None else np.random.default_rng(seed)   # the same draws twice
+    fast = imagefolder.load_image(path, 64, rng(), draft=True).float()
+    full = imagefolder.load_image(path, 64, rng(), draft=False).float()
+    assert fast.shape == full.shape == (64, 64, 3)
+    assert (fast - full).abs().mean() < 3.0                         # of 255; a misplaced box: > 20
+
+
+def test_evaluation_crop_is_the_centre_of_the_shorter_side_resize(tmp_path):
+    # 400 x 300, size 64: the shorter side resized to 64 / 0.875 and the centre 64 x 64 kept is
+    # the centre 262.5 x 262.5 of the original: rows 18.75-281.25, columns 68.75-331.25
+    def crop_of(frame):
+        pixels = np.full((300, 400, 3), (255, 0, 0), np.uint8)   # a red frame around grey
+        pixels[frame:-frame, frame:-frame] = 128
+        pixels[frame:-frame, 200:] = 255                        # right of the centre line white
+        Image.fromarray(pixels).save(tmp_path / "frame.png")
+        return imagefolder.load_image(str(tmp_path / "frame.png"), 64, None).int()
+    inside = crop_of(15)                  # the frame lies outside the crop: no red in it
+    assert ((inside[:, :31] - 128).abs() <= 2).all() and (inside[:, 33:] >= 253).all()
+    edge = crop_of(25)                    # the frame reaches 6 px into the crop, top and bottom
+    assert (edge[0] == torch.tensor([255, 0, 0], dtype=torch.int32)).all(-1).any()
+    assert ((edge[32, :31] - 128).abs() <= 2).all()
+
+
+def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
+    split = imagefolder.scan(folder).train
+    ds = imagefolder.FolderDataset(split, 32, train=True, seed=3)
+    a, b = ds[(1, 0, 5, 7)], ds[(1, 0, 5, 7)]
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:] == (int(split.labels[7]), 7, True)
+    epochs = torch.stack([ds[(e, 0, 5, 7)][0] for e in range(4)])
+    assert len({bytes(e.numpy()) for e in epochs}) == 4               # each epoch its own crop
+    keys = [[(2, 0, 4 * b + j, (5 * b + j) % 18) for j in range(4)] for b in range(4)]
+
+    def read(workers):
+        batches = imagefolder.Batches()
+        batches.keys = keys
+        return [batch[0] for batch in imagefolder.make_loader(ds, batches, workers, pin_memory=False)]
+    for x0, x2 in zip(read(0), read(2)):
+        assert torch.equal(x0, x2)
+
+
+# -- Through train.py -----------------------------------------------------------------------------
+
+def test_one_epoch_end_to_end_with_two_workers(folder, tmp_path):
+    s = run(*flags(folder, tmp_path / "run", "--epochs", "1", "--ratio", "0.3"))
+    assert s["data"] == "imagefolder" and s["epochs_done"] == 1
+    assert s["example_passes"] == round(0.7 * 18)
+    assert 0.0 <= s["final_test_acc"] <= 1.0 and math.isfinite(s["history"][0]["train_loss"])
+    with open(tmp_path / "run" / "results.json") as f:
+        assert json.load(f)["args"]["image_size"] == 32
+
+
+def test_resume_with_workers_equals_an_uninterrupted_run(folder, tmp_path, assert_same_checkpoint):
+    common = ("--epochs", "3", "--ratio", "0.3")
+    run(*flags(folder, tmp_path / "straight", *common))
+    run(*flags(folder, tmp_path / "split", *common, "--stop-after", "1"))
+    run(*flags(folder, tmp_path / "split", *common, "--resume"))
+    assert_same_checkpoint(tmp_path / "straight", tmp_path / "split", epoch=3)
+
+
+def test_a_corrupt_jpeg_stops_the_run_naming_it_and_keeps_the_checkpoint(tmp_path, capsys):
+    root = write_folder(tmp_path / "ds")
+    argv = flags(root, tmp_path / "run", "--epochs", "2", "--method", "full")
+    assert train.main(argv + ["--stop-after", "1"]) == 0
+    bad = os.path.join(root, "train", "dog", "2.JPEG")
+    with open(bad, "r+b") as f:
+        f.truncate(300)                                           # cut off mid-scan
+    capsys.readouterr()
+    assert train.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image {bad}" in err and "--skip-corrupt" in err
+    assert "checkpoint (after epoch 1) is kept" in err
+    assert train.load_checkpoint(str(tmp_path / "run"), "cpu")["epoch"] == 1
+
+
+def test_skip_corrupt_trains_on_with_the_image_counted_and_unscored(tmp_path):
+    root = write_folder(tmp_path / "ds")
+    with open(os.path.join(root, "train", "dog", "2.JPEG"), "wb") as f:
+        f.write(b"not a JPEG at all")
+    bad = imagefolder.scan(root).train.paths.tolist().index(b"dog/2.JPEG")
+    s = run(*flags(root, tmp_path / "run", "--epochs", "2", "--method", "sadp", "--ratio", "0.0",
+                   "--skip-corrupt"))
+    assert [row["skipped"] for row in s["history"]] == [1, 1]     # ratio 0: every image, every epoch
+    seen = train.load_checkpoint(str(tmp_path / "run"), "cpu")["sampler"]["seen"]
+    assert not seen[bad] and int(seen.sum()) == 17                # the black stand-in left no score
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "synthetic", "--image-size", "64"], "--image-size is for --data imagenet"),
+    (["--data", "cifar10", "--skip-corrupt"], "--skip-corrupt is for --data imagenet"),
+    (["--data", "imagefolder"], "--data imagefolder needs --data-dir"),
+    (["--data", "imagefolder", "--data-dir", ".", "--workers", "-1"], "--workers must be at least 0"),
+    (["--data", "imagefolder", "--data-dir", ".", "--image-size", "4"], "--image-size must be at least 8"),
+])
+def test_streaming_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_folder_sets_default_to_the_imagenet_recipe():
+    args = train.parse_args(["--data", "imagenet"])
+    assert (args.model, args.epochs, args.batch_size, args.image_size) == ("sew_resnet34", 320, 256, 224)
+    assert args.data_dir == os.path.join("data", "imagenet")
+    cifar = train.parse_args([])
+    assert (cifar.model, cifar.epochs, cifar.batch_size, cifar.weight_decay) == ("resnet19", 200, 128, 5e-4)
