@@ -282,6 +282,9 @@ class FolderSource:
                                   self._train_batches, workers, pin)
         self._test = make_loader(FolderDataset(folder.val, size, False, seed, draft),
                                  self._test_batches, workers, pin)
+        for loader in (self._train, self._test):    # fork the workers now, before torch.compile
+            for _ in loader:                        # starts its threads and subprocesses
+                pass
 
     def train_batches(self, epoch: int, batches: list[Tensor]) -> Iterator[tuple]:
         """(idx, x, y, keep) per minibatch of indices: keep is None, or a 0/1 float tensor on the

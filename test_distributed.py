@@ -112,3 +112,23 @@ def test_torchrun_two_processes_matches_one_process_and_resumes_exactly(tmp_path
     code, out = _torchrun(flags + ["--out", str(tmp_path / "split"), "--resume"], timeout=300)
     assert code == 0, out
     assert_same_checkpoint(tmp_path / "ddp", tmp_path / "split", epoch=3)   # epochs done
+
+
+def test_torchrun_two_processes_stream_an_imagefolder_and_resume_exactly(tmp_path, assert_same_checkpoint):
+    """The streaming path under DDP: each rank reads its share of the draw through its own
+    DataLoader workers; stopped and resumed equals uninterrupted."""
+    from test_imagefolder import flags, write_folder
+    root = write_folder(tmp_path / "ds")
+    common = ["--epochs", "2", "--ratio", "0.3", "--workers", "1"]
+    code, out = _torchrun(flags(root, tmp_path / "ddp", *common), timeout=300)
+    assert code == 0, out
+    with open(tmp_path / "ddp" / "results.json") as f:
+        ddp = json.load(f)
+    assert ddp["world_size"] == 2 and ddp["data"] == "imagefolder"
+    assert ddp["example_passes"] == 2 * (round(0.7 * 18) + 1)     # each epoch padded to 2 equal shares
+    assert all(0.0 <= row["data_wait"] <= 1.0 for row in ddp["history"])
+    code, out = _torchrun(flags(root, tmp_path / "split", *common, "--stop-after", "1"), timeout=300)
+    assert code == 0, out
+    code, out = _torchrun(flags(root, tmp_path / "split", *common, "--resume"), timeout=300)
+    assert code == 0, out
+    assert_same_checkpoint(tmp_path / "ddp", tmp_path / "split", epoch=2)

@@ -196,7 +196,9 @@ def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
 # -- Through train.py -----------------------------------------------------------------------------
 
 def test_one_epoch_end_to_end_with_two_workers(folder, tmp_path):
-    s = run(*flags(folder, tmp_path / "run", "--epochs", "1", "--ratio", "0.3"))
+    # the README's command, with the SEW-ResNet-34 of --data imagenet (flags' last --model wins)
+    s = run(*flags(folder, tmp_path / "run", "--epochs", "1", "--ratio", "0.3", "--model", "sew_resnet34"))
+    assert s["model"] == "sew_resnet34"
     assert s["data"] == "imagefolder" and s["epochs_done"] == 1
     assert s["example_passes"] == round(0.7 * 18)
     assert 0.0 <= s["final_test_acc"] <= 1.0 and math.isfinite(s["history"][0]["train_loss"])

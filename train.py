@@ -5,10 +5,14 @@
     python train.py --data cifar10 --method full                # the baselines: full, uniform,
     python train.py --data cifar10 --method infobatch --ratio 0.3   # infobatch, ann
     torchrun --nproc_per_node=4 train.py --data cifar10 --ratio 0.3   # several GPUs (DDP)
+    torchrun --nproc_per_node=8 train.py --data imagenet --data-dir DIR --ratio 0.3 --amp
+    python train.py --data imagefolder --data-dir DIR --model spiking_resnet34   # any such folder
 
 Defaults follow the usual recipe for spiking ResNet-19 on CIFAR in the SNN literature: T = 4
 timesteps, direct input encoding, SGD (momentum 0.9) at lr 0.1 with a cosine schedule, weight
-decay 5e-4, batch 128, random crop + flip, 200 epochs. Each epoch prints one row; the run ends
+decay 5e-4, batch 128, random crop + flip, 200 epochs. imagenet and imagefolder (DIR/train/<class>/,
+DIR/val/<class>/, streamed from disk by imagefolder.py) default to SEW ResNet's: SEW-ResNet-34,
+batch 256, no weight decay, 320 epochs, 224 px random-resized crops. Each epoch prints one row; the run ends
 with a summary, written as JSON to --out with a checkpoint after every epoch (--resume continues).
 
 Budget accounting is the same for every method: an "example-pass" is one example through one
@@ -55,8 +59,8 @@ SEEDS = 2**32                        # --seed lies in [0, 2**32), as numpy's see
 SCHEDULES = ("constant", "warmup", "anneal")
 FOLDER_SETS = ("imagenet", "imagefolder")   # streamed from disk (imagefolder.py); the rest: in memory
 
-# Each family's defaults: the recipe the SNN literature trains its usual network with (README,
-# "Recipes"). A flag given on the command line wins.
+# Each family's defaults: the recipe the SNN literature trains its usual network with (README:
+# "Training script" for CIFAR, "ImageNet and other folders of images"). A flag given wins.
 RECIPES = {
     "cifar": dict(model="resnet19", epochs=200, batch_size=128, weight_decay=5e-4),  # tdBN / TET
     "mnist1d": dict(model="conv1d", epochs=40, batch_size=128, weight_decay=5e-4),
