@@ -25,6 +25,10 @@ Sections (each prints a markdown table; all of them go to --out as JSON):
   netbound  MNIST-1D, conv1d: the whole-network bound (sadp.NetworkTap) vs the head bound, ann
             and loss: rank correlation with the true per-example norm over all conv + linear
             weights, estimator variance vs uniform and the oracle, and its cost per step
+  datapath  the streaming path of --data imagenet/imagefolder on generated ImageNet-like JPEGs
+            at 224 px: decoding + augmentation per process (full-size vs reduced-size JPEG
+            decoding), the DataLoader with 1 and 2 workers, and the share of a SADP epoch spent
+            waiting for data (convnet on a CPU; SEW-ResNet-34, bf16, compiled on a GPU)
 
 Nothing here asserts: the benchmark reports. Timings are ratios measured in one process,
 interleaved, because these machines are shared and noisy; absolute times are only meaningful
@@ -44,6 +48,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -250,13 +255,7 @@ def bench_overhead(cfg, results):
                 samples[k].append(timeit(step(k), device))
         plain = statistics.median(samples["plain"])
         ratios = {k: statistics.median(a / b for a, b in zip(samples[k], samples["plain"])) for k in kinds}
-        # the score computation alone, to show what the percentage is made of
-        with torch.no_grad(), amp():
-            model(xb)
-        outputs, head_inputs = tap.pop()
-        g = (outputs.float().mean(0).softmax(-1) - F.one_hot(yb, 10)).div(cfg["T"]).expand_as(outputs.float())
-        t_bound = statistics.median(timeit(lambda: head_gradient_bound(g, head_inputs), device) for _ in range(50))
-        t_exact = statistics.median(timeit(lambda: head_gradient_norm(g, head_inputs), device) for _ in range(50))
+        t_bound, t_exact = _score_alone(model, tap, xb, yb, cfg["T"], amp, device)
         tap.remove()
         rows.append([name, bs, round(plain * 1e3, 1), f"{(ratios['bound'] - 1) * 100:+.2f}%",
                      f"{(ratios['exact'] - 1) * 100:+.2f}%", round(t_bound * 1e6, 1),
@@ -269,6 +268,18 @@ def bench_overhead(cfg, results):
           f"{cfg['overhead_reps']} interleaved steps)",
           ["model", "batch", "plain step (ms)", "step with bound", "step with exact",
            "bound alone (us)", "bound / step", "exact alone (us)", "exact / step"], rows)
+
+
+def _score_alone(model, tap, xb, yb, T: int, amp, device) -> tuple[float, float]:
+    """Seconds of the bound and of the exact head norm alone, on one batch's head inputs: what
+    the per-step overhead is made of."""
+    with torch.no_grad(), amp():
+        model(xb)
+    outputs, head_inputs = tap.pop()
+    g = (outputs.float().mean(0).softmax(-1) - F.one_hot(yb, 10)).div(T).expand_as(outputs.float())
+    t_bound = statistics.median(timeit(lambda: head_gradient_bound(g, head_inputs), device) for _ in range(50))
+    t_exact = statistics.median(timeit(lambda: head_gradient_norm(g, head_inputs), device) for _ in range(50))
+    return t_bound, t_exact
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,10 +433,9 @@ def _has_sklearn() -> bool:
 # 4. LIF throughput
 # ---------------------------------------------------------------------------------------------
 
-def bench_lif(cfg, results):
-    device = torch.device(cfg["device"])
-    shape = cfg["lif_shape"]
-    x0 = torch.randn(*shape, device=device) * 1.5
+def lif_candidates(results) -> dict:
+    """name -> LIF module stepping [T, ...] inputs: ours eager and compiled, and SpikingJelly's
+    LIFNode and snnTorch's Leaky when installed (why not, in results["lif_skipped"])."""
     candidates = {"ours eager": models.LIF(compile=False), "ours compiled": models.LIF(compile=True)}
     try:
         from spikingjelly.activation_based import neuron as sj_neuron
@@ -459,7 +469,14 @@ def bench_lif(cfg, results):
         candidates["snnTorch Leaky"] = SnnTorchLeaky()
     except Exception as e:
         results.setdefault("lif_skipped", []).append(f"snntorch: {type(e).__name__}: {e}")
-    candidates = {k: m.to(device) for k, m in candidates.items()}
+    return candidates
+
+
+def bench_lif(cfg, results):
+    device = torch.device(cfg["device"])
+    shape = cfg["lif_shape"]
+    x0 = torch.randn(*shape, device=device) * 1.5
+    candidates = {k: m.to(device) for k, m in lif_candidates(results).items()}
 
     def step(m):
         def run():
@@ -998,12 +1015,119 @@ def plot(results, directory):
 
 
 # ---------------------------------------------------------------------------------------------
+# 9. The streaming data path (imagefolder.py): decoding, the loader, and waiting for data
+# ---------------------------------------------------------------------------------------------
+
+def write_photo_folder(root: str, n_train: int, n_val: int, classes: int = 4, seed: int = 0,
+                       side=(400, 520)) -> float:
+    """An ImageFolder of photo-like JPEGs (sides in `side`, by default ImageNet's typical ~500 x
+    375; quality 90; smooth colour fields plus grain, so that files and decoding cost what photos
+    do); returns the mean file size in bytes."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    sizes = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            folder = os.path.join(root, split, f"c{i % classes}")
+            os.makedirs(folder, exist_ok=True)
+            w, h = (int(v) for v in torch.randint(side[0], side[1], (2,), generator=g))
+            field = F.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=(h, w), mode="bicubic")[0]
+            pixels = (field * 200 + 28 + torch.randn(3, h, w, generator=g) * 12).clamp(0, 255)
+            path = os.path.join(folder, f"{i}.JPEG")
+            Image.fromarray(pixels.byte().permute(1, 2, 0).numpy()).save(path, quality=90)
+            sizes.append(os.path.getsize(path))
+    return statistics.mean(sizes)
+
+
+def bench_datapath(cfg, results):
+    """Images/s of decoding + augmentation in one process (Pillow at full size vs reduced-size
+    JPEG decoding, on ImageNet-sized and on large photos), of the DataLoader with 1 and 2
+    workers, and the share of a SADP epoch (r = 0.3) that train.py spends waiting for images,
+    at 224 px. Repetitions interleaved."""
+    import imagefolder
+    try:
+        imagefolder.require_pillow()
+    except data.DataError as e:
+        print(f"\n(datapath: skipped, {e})")
+        return
+    import PIL
+    size, out = cfg["dp_size"], {"decode": {}}
+    with tempfile.TemporaryDirectory() as root:
+        for name, side, n in (("imagenet-sized", (400, 520), cfg["dp_images"]), ("large", (1400, 1800), 40)):
+            kb = write_photo_folder(os.path.join(root, name), n, n // 4, side=side) / 1024
+            split = imagefolder.scan(os.path.join(root, name)).train
+            rates = _decode_rates(cfg, [split.path(i) for i in range(min(len(split), 160))], size)
+            out["decode"][name] = {"side": side, "mean_file_kb": kb, "images_per_s": rates}
+        table(f"Decoding + augmentation in one process, Pillow {PIL.__version__}, {size} px, "
+              f"photo-like JPEGs (median of {cfg['dp_reps']})",
+              ["path"] + [f"{k}: {v['side'][0]}-{v['side'][1]} px, {v['mean_file_kb']:.0f} kB"
+                          for k, v in out["decode"].items()],
+              [[path] + [v["images_per_s"][path] for v in out["decode"].values()]
+               for path in next(iter(out["decode"].values()))["images_per_s"]])
+        out["epochs"] = _datapath_epochs(cfg, os.path.join(root, "imagenet-sized"), size)
+    results["datapath"] = out
+
+
+def _decode_rates(cfg, paths: list[str], size: int) -> dict:
+    """images/s of imagefolder.load_image over `paths`: train and eval crops, each with and
+    without reduced-size JPEG decoding; the same crops for both, repetitions interleaved."""
+    import imagefolder
+    variants = {f"{mode}, {'reduced-size' if draft else 'full-size'} decode": (mode, draft)
+                for mode in ("train", "eval") for draft in (False, True)}
+    per_s = {k: [] for k in variants}
+    for rep in range(cfg["dp_reps"]):
+        for name, (mode, draft) in variants.items():
+            rng = np.random.default_rng(rep)
+            t = time.perf_counter()
+            for p in paths:
+                imagefolder.load_image(p, size, rng if mode == "train" else None, draft=draft)
+            per_s[name].append(len(paths) / (time.perf_counter() - t))
+    return {k: statistics.median(v) for k, v in per_s.items()}
+
+
+def _datapath_epochs(cfg, root: str, size: int) -> list[dict]:
+    """The loader alone (FolderSource.train_batches, nothing trained) and whole train.py SADP
+    epochs, for each worker count; the second epoch of each run is the one reported."""
+    import imagefolder
+    folder, runs = imagefolder.scan(root), []
+    for rep in range(cfg["dp_reps"]):
+        for workers in cfg["dp_workers"]:
+            source = imagefolder.FolderSource(folder, size, workers, cfg["device"], seed=rep)
+            try:
+                order = torch.randperm(len(folder.train))
+                for epoch in range(2):
+                    t = time.perf_counter()
+                    for _ in source.train_batches(epoch, order.split(cfg["dp_batch"])):
+                        pass
+                    loader_ips = len(order) / (time.perf_counter() - t)
+            finally:
+                source.close()
+            s = train_once(dict(cfg, compile=cfg["compile"]), None, None, data="imagefolder", data_dir=root,
+                           model=cfg["dp_model"], image_size=size, workers=workers, epochs=2, ratio=0.3,
+                           batch_size=cfg["dp_batch"], seed=rep)
+            last = s["history"][-1]
+            runs.append({"workers": workers, "rep": rep, "loader_images_per_s": loader_ips,
+                         "train_images_per_s": last["examples"] / last["seconds"],
+                         "data_wait": last["data_wait"]})
+    rows = []
+    for workers in cfg["dp_workers"]:
+        mine = [r for r in runs if r["workers"] == workers]
+        rows.append([workers] + [statistics.median(r[k] for r in mine)
+                                 for k in ("loader_images_per_s", "train_images_per_s", "data_wait")])
+    table(f"Streaming loader and SADP epochs (r = 0.3), {cfg['dp_model']} T={cfg['T']}, {size} px, "
+          f"batch {cfg['dp_batch']}, {cfg['device']}{', bf16' if cfg['amp'] else ''}; second epoch of 2, "
+          f"median of {cfg['dp_reps']} interleaved reps",
+          ["workers", "loader images/s", "training images/s", "share of the epoch waiting for data"], rows)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
 # Configuration and the command line
 # ---------------------------------------------------------------------------------------------
 
 SECTIONS = {"speedup": bench_speedup, "overhead": bench_overhead, "variance": bench_variance,
             "lif": bench_lif, "accuracy": bench_accuracy, "evidence": bench_evidence,
-            "throughput": bench_throughput, "netbound": bench_netbound}
+            "throughput": bench_throughput, "netbound": bench_netbound, "datapath": bench_datapath}
 
 
 def config(quick: bool, device: str, compile_: bool) -> dict:
@@ -1030,6 +1154,9 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "tp_train": 2000 if quick else 10000, "tp_reps": 2 if quick else 3,
         "nb_pool": 256 if quick else 512, "nb_epochs": [1, 5] if quick else [1, 5, 20],
         "nb_reps": 20 if quick else 100, "nb_threads": 1,
+        "dp_size": 224, "dp_images": 128 if quick else 384, "dp_reps": 2 if quick else 3,
+        "dp_workers": [1, 2], "dp_batch": 32 if not gpu else 128,
+        "dp_model": "sew_resnet34" if gpu else "convnet",
     }
 
 
