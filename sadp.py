@@ -12,8 +12,9 @@ gradient norm, an efficient upper bound that accounts for all-or-nothing spikes)
 
 Notation (time-first layout, as in SpikingJelly's multi-step mode): T timesteps, B examples in
 a batch, C classes, N training examples. The classifier head is affine, o_t = W h_t + b, with
-h_t in R^D its input at step t (binary spikes, or spatially averaged spikes); q is the target
-distribution (one-hot, or label-smoothed).
+h_t in R^D its input at step t (binary spikes, or spatial means of spikes, or, in SEW ResNet,
+of sums of spikes: non-negative in every case); q is the target distribution (one-hot, or
+label-smoothed).
     rate readout (default):        l = CE(z, q),            z = (1/T) sum_t o_t
     per-timestep readout (TET):    l = (1/T) sum_t CE(o_t, q)
 
