@@ -211,7 +211,10 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
         return torch.from_numpy(np.array(out))
 
 
-UNREADABLE = (OSError, SyntaxError, ValueError, EOFError)   # what Pillow raises for bad files
+def unreadable() -> tuple[type[Exception], ...]:
+    """What Pillow raises for a file it cannot decode: damaged, truncated, not an image, or over
+    Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; that one is no OSError)."""
+    return (OSError, SyntaxError, ValueError, EOFError, require_pillow().DecompressionBombError)
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -224,6 +227,7 @@ class FolderDataset(torch.utils.data.Dataset):
                  augment: bool = True):
         self.split, self.size, self.train, self.seed = split, size, train, seed
         self.draft, self.augment = draft, augment
+        self.unreadable = unreadable()
 
     def __len__(self) -> int:
         return len(self.split)
@@ -237,7 +241,7 @@ class FolderDataset(torch.utils.data.Dataset):
         label = int(self.split.labels[index])
         try:
             return load_image(self.split.path(index), self.size, rng, self.draft), label, index, True
-        except UNREADABLE:
+        except self.unreadable:
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
 
 
@@ -349,6 +353,6 @@ def why_unreadable(path: str) -> str:
     try:
         with Image.open(path) as img:
             img.convert("RGB")
-    except UNREADABLE as e:
+    except unreadable() as e:
         return f"{type(e).__name__}: {e}"
     return "it decodes now; was it being written to?"

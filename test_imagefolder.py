@@ -176,6 +176,24 @@ def test_evaluation_crop_is_the_centre_of_the_shorter_side_resize(tmp_path):
     assert ((edge[32, :31] - 128).abs() <= 2).all()
 
 
+def test_the_odd_files_of_imagenet_decode_to_rgb_and_a_bomb_is_unreadable(tmp_path, monkeypatch):
+    # ImageNet's train set holds grayscale and CMYK JPEGs and a PNG named .JPEG
+    pixels = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).convert("L").save(tmp_path / "gray.JPEG")
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.JPEG")
+    Image.fromarray(pixels).save(tmp_path / "png.JPEG", format="PNG")
+    for name in ("gray.JPEG", "cmyk.JPEG", "png.JPEG"):
+        for rng in (None, np.random.default_rng(1)):
+            out = imagefolder.load_image(str(tmp_path / name), 32, rng)
+            assert out.shape == (32, 32, 3) and out.dtype == torch.uint8
+    # over Pillow's pixel limit: DecompressionBombError, which is no OSError, is "unreadable" too
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    split = imagefolder.Split(str(tmp_path), np.array([b"png.JPEG"]), torch.tensor([0]))
+    image, label, index, ok = imagefolder.FolderDataset(split, 32, train=False)[0]
+    assert not ok and not image.any()
+    assert "DecompressionBombError" in imagefolder.why_unreadable(str(tmp_path / "png.JPEG"))
+
+
 def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
     split = imagefolder.scan(folder).train
     ds = imagefolder.FolderDataset(split, 32, train=True, seed=3)

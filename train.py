@@ -592,7 +592,11 @@ def make_source(args, rank: int, world_size: int, device, dataset, stats):
             dataset = load_data(args, rank, world_size)
         return MemorySource(dataset, device, data.make_normalizer(stats or args.data, device),
                             not args.no_augment and dataset.x_train.dim() == 4, aug_gen), aug_gen
+    started = time.perf_counter()
     folder = imagefolder.scan(args.data_dir)
+    if rank == 0 and not args.quiet:
+        print(f"{args.data_dir}: {len(folder.train)} training and {len(folder.val)} validation images "
+              f"in {len(folder.classes)} classes (listed in {time.perf_counter() - started:.1f} s)")
     if args.data == "imagenet" and len(folder.classes) != 1000:
         raise RunError(f"--data imagenet: {args.data_dir} has {len(folder.classes)} classes, "
                        f"ImageNet-1k has 1000; for another set in its layout (ImageNet-100, "
@@ -864,6 +868,8 @@ def train_epochs(r, started: float) -> dict:
         return finished(r)
     r.say(f"{args.method} r={args.ratio:g} on {args.data} ({r.source.num_train} examples), {args.model} "
           f"T={args.T}, {r.world_size} process(es) on {r.device}")
+    if not args.no_compile:
+        r.say("(the first step compiles the LIF loop with torch.compile: tens of seconds, once)")
     r.say(f"{'epoch':>5} {'examples':>9} {'seconds':>8} {'train_loss':>10} {'test_acc':>8} {'spike_rate':>10}"
           + (f" {'data_wait':>9}" if args.data in FOLDER_SETS else "")
           + (f" {'skipped':>7}" if args.skip_corrupt else ""))
