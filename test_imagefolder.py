@@ -247,13 +247,14 @@ def test_a_corrupt_jpeg_stops_the_run_naming_it_and_keeps_the_checkpoint(tmp_pat
     assert train.load_checkpoint(str(tmp_path / "run"), "cpu")["epoch"] == 1
 
 
-def test_skip_corrupt_trains_on_with_the_image_counted_and_unscored(tmp_path):
+@pytest.mark.parametrize("score", ["head", "network"])
+def test_skip_corrupt_trains_on_with_the_image_counted_and_unscored(tmp_path, score):
     root = write_folder(tmp_path / "ds")
     with open(os.path.join(root, "train", "dog", "2.JPEG"), "wb") as f:
         f.write(b"not a JPEG at all")
     bad = imagefolder.scan(root).train.paths.tolist().index(b"dog/2.JPEG")
     s = run(*flags(root, tmp_path / "run", "--epochs", "2", "--method", "sadp", "--ratio", "0.0",
-                   "--skip-corrupt"))
+                   "--skip-corrupt", "--score", score))
     assert [row["skipped"] for row in s["history"]] == [1, 1]     # ratio 0: every image, every epoch
     seen = train.load_checkpoint(str(tmp_path / "run"), "cpu")["sampler"]["seen"]
     assert not seen[bad] and int(seen.sum()) == 17                # the black stand-in left no score

@@ -346,7 +346,8 @@ def make_method(args, model, num_examples: int, rank: int, world_size: int) -> M
         loss = lambda outputs, y, h, w: unbiased(outputs, y, h, w.pow(args.weight_power))
     if args.score == "network":     # read off the backward pass, so ready only after it
         tap = NetworkTap(model, T=args.T)
-        after_backward = lambda _, w: tap.pop(w.pow(args.weight_power))   # the loss's own weights
+        # the loss's own weights; a --skip-corrupt stand-in (w = 0) gets a score that is dropped
+        after_backward = lambda _, w: tap.pop(torch.where(w > 0, w, 1.0).pow(args.weight_power))
         return Method(sampler, begin_epoch, loss, after_backward, tap.remove)
     return Method(sampler, begin_epoch, loss, lambda scores, _: scores, lambda: None)
 
