@@ -302,7 +302,7 @@ class FolderSource:
             self._train_batches.keys.append(keys)
             position += len(idx)
         t0 = time.perf_counter()
-        loader = iter(self._train)               # the first epoch: starts the workers
+        loader = iter(self._train)               # hands the running workers the new minibatches
         self.wait_seconds += time.perf_counter() - t0
         for idx in batches:
             t0 = time.perf_counter()
