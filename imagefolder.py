@@ -100,8 +100,9 @@ class Folder(NamedTuple):
 
 
 LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image>, the same class "
-          "folders in both (ImageNet's layout; its validation images ship in one flat folder and "
-          "must first be sorted into val/<class>/ folders by the devkit's labels)")
+          "folders in both (ImageNet's layout; its validation images ship in one flat folder: "
+          "`python imagefolder.py sort DIR/val LABELS` moves them into class folders, LABELS "
+          "being e.g. LOC_val_solution.csv)")
 
 
 def scan(root: str | os.PathLike) -> Folder:
@@ -123,6 +124,35 @@ def scan(root: str | os.PathLike) -> Folder:
                             f"{_some(lacking)}; {LAYOUT}.")
     return Folder(str(root), tuple(classes), _list_split(root / "train", classes),
                   _list_split(root / "val", classes))
+
+
+def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
+    """Moves the images lying directly in `split` into split/<class>/ folders, as a labels file
+    says: one line per image, "<image>,<class>" or "<image> <class>", the image named with or
+    without its extension, only the class's first word read (so ImageNet's LOC_val_solution.csv,
+    "ImageId,PredictionString", and "ILSVRC2012_val_00000001.JPEG n01751748" lists both work;
+    lines naming no image here, a header among them, are ignored). Every image needs a label,
+    else nothing moves. Returns how many moved; run again, it moves none."""
+    split = Path(split)
+    loose = sorted(e.name for e in os.scandir(split) if e.is_file() and _is_image(e.name))
+    by_name: dict[str, str] = {}
+    with open(labels, encoding="utf-8") as f:
+        for line in f:
+            fields = line.strip().split("," if "," in line else None, 1)
+            if len(fields) == 2 and fields[1].split():
+                by_name[fields[0].strip()] = fields[1].split()[0]
+    label = {n: by_name.get(n, by_name.get(os.path.splitext(n)[0])) for n in loose}
+    unlabelled = [n for n, c in label.items() if c is None]
+    if unlabelled:
+        raise DataError(f"{labels} has no label for {len(unlabelled)} of the {len(loose)} images in "
+                        f"{split} ({_some(unlabelled)}); nothing was moved.")
+    odd = sorted({c for c in label.values() if c in (".", "..") or "/" in c or "\\" in c})
+    if odd:
+        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; nothing was moved.")
+    for name, cls in label.items():
+        (split / cls).mkdir(exist_ok=True)
+        os.replace(split / name, split / cls / name)
+    return len(loose)
 
 
 def _class_folders(split: Path) -> list[str]:
@@ -356,3 +386,19 @@ def why_unreadable(path: str) -> str:
     except unreadable() as e:
         return f"{type(e).__name__}: {e}"
     return "it decodes now; was it being written to?"
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(description="Sort a flat folder of images (ImageNet's val/) into "
+                                            "class folders by a labels file (see sort_flat_split).")
+    p.add_argument("command", choices=["sort"])
+    p.add_argument("split", help="the flat folder, e.g. /data/imagenet/val")
+    p.add_argument("labels", help="one '<image>,<class>' or '<image> <class>' line per image, "
+                                  "e.g. LOC_val_solution.csv")
+    a = p.parse_args()
+    try:
+        print(f"moved {sort_flat_split(a.split, a.labels)} images into class folders of {a.split}")
+    except (DataError, OSError) as e:
+        sys.exit(f"error: {e}")

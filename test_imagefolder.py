@@ -110,6 +110,37 @@ def test_a_wrong_layout_is_named_before_any_training(tmp_path, capsys, break_it,
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
 
+def test_a_flat_val_folder_is_sorted_by_a_labels_file_and_then_scans(tmp_path):
+    import subprocess
+    import sys
+    root = write_folder(tmp_path / "ds", 2, 2)
+    truth = {}
+    for name in CLASSES:                                   # flatten val/ as ImageNet ships it
+        for f in sorted(os.listdir(os.path.join(root, "val", name))):
+            flat = f"val_{name}_{f}"
+            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", flat))
+            truth[flat] = name
+        os.rmdir(os.path.join(root, "val", name))
+    with pytest.raises(DataError, match="imagefolder.py sort"):
+        imagefolder.scan(root)
+    # Kaggle's LOC_val_solution.csv: a header, ids without extension, the class + boxes
+    lines = ["ImageId,PredictionString"] + [f"{os.path.splitext(f)[0]},{c} 1 2 3 4 {c} 5 6 7 8"
+                                            for f, c in truth.items()]
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("\n".join(lines[:-1]) + "\n")           # one image unlabelled
+    with pytest.raises(DataError, match="no label for 1 of the 6 images"):
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    assert len(os.listdir(os.path.join(root, "val"))) == 6      # nothing moved
+    labels.write_text("\n".join(lines) + "\n")
+    cli = subprocess.run([sys.executable, "imagefolder.py", "sort", os.path.join(root, "val"), str(labels)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert cli.returncode == 0 and "moved 6 images" in cli.stdout, cli.stderr
+    f = imagefolder.scan(root)
+    for i in range(len(f.val)):
+        assert truth[os.path.basename(f.val.path(i))] == f.classes[int(f.val.labels[i])]
+    assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 0   # again: nothing
+
+
 # -- Decoding and augmentation -------------------------------------------------------------------
 
 @settings(max_examples=200, deadline=None)
