@@ -278,6 +278,17 @@ def test_a_corrupt_jpeg_stops_the_run_naming_it_and_keeps_the_checkpoint(tmp_pat
     assert train.load_checkpoint(str(tmp_path / "run"), "cpu")["epoch"] == 1
 
 
+def test_resume_refuses_a_folder_whose_files_changed(tmp_path, capsys):
+    root = write_folder(tmp_path / "ds")
+    argv = flags(root, tmp_path / "run", "--epochs", "2")
+    assert train.main(argv + ["--stop-after", "1"]) == 0
+    os.remove(os.path.join(root, "train", "owl", "3.JPEG"))
+    capsys.readouterr()
+    assert train.main(argv + ["--resume"]) == 2
+    assert "are not those this run started with" in capsys.readouterr().err
+    assert train.load_checkpoint(str(tmp_path / "run"), "cpu")["epoch"] == 1
+
+
 @pytest.mark.parametrize("score", ["head", "network"])
 def test_skip_corrupt_trains_on_with_the_image_counted_and_unscored(tmp_path, score):
     root = write_folder(tmp_path / "ds")

@@ -761,9 +761,12 @@ def evaluate(r, batch_size: int = 500) -> float:
 
 def run_state(r) -> dict:
     """What a checkpoint holds, key -> (get, set): saving and resuming both read this one table.
-    "args" comes first, so a resume with other settings fails before anything is loaded."""
+    "args" (and for folder sets "files") come first, so a resume with other settings or other
+    files fails before anything is loaded."""
     p = r.progress   # epoch (epochs done), history, example_passes, train_seconds, wall_seconds
     table = {"args": (lambda: _args_dict(r.args), lambda saved: _check_same_run(r.args, saved))}
+    if r.args.data in FOLDER_SETS:   # the scores are per file: the files must be the same ones
+        table["files"] = (lambda: r.source.folder.digest().hex(), functools.partial(_check_same_files, r))
     table.update({k: (functools.partial(p.get, k), functools.partial(p.__setitem__, k)) for k in p})
     table.update({
         "model": (r.model.state_dict, r.model.load_state_dict),
@@ -927,6 +930,15 @@ _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_s
              "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
              "initial_score", "replacement", "exact_score", "score", "seed", "smoothing", "schedule",
              "lr_scale", "max_lr_scale", "weight_power")
+
+
+def _check_same_files(r, saved: str) -> None:
+    if saved != r.source.folder.digest().hex():
+        raise RunError(f"--resume: the images in {r.args.data_dir} are not those this run started "
+                       f"with (an image or class added, removed or renamed); its scores and "
+                       f"checkpoint belong to the old list. Restore the folder as it was (replace "
+                       f"a damaged image by a good copy of the same name), or start a new run with "
+                       f"another --out.")
 
 
 def _args_dict(args) -> dict:
