@@ -1154,8 +1154,9 @@ def config(quick: bool, device: str, compile_: bool) -> dict:
         "tp_train": 2000 if quick else 10000, "tp_reps": 2 if quick else 3,
         "nb_pool": 256 if quick else 512, "nb_epochs": [1, 5] if quick else [1, 5, 20],
         "nb_reps": 20 if quick else 100, "nb_threads": 1,
-        "dp_size": 224, "dp_images": 128 if quick else 384, "dp_reps": 2 if quick else 3,
-        "dp_workers": [1, 2], "dp_batch": 32 if not gpu else 128,
+        "dp_size": 224, "dp_images": (2048 if gpu else 128) if quick else (4096 if gpu else 384),
+        "dp_reps": 2 if quick else 3, "dp_workers": [1, 2, 4, 8] if gpu else [1, 2],
+        "dp_batch": 128 if gpu else 32,
         "dp_model": "sew_resnet34" if gpu else "convnet",
     }
 
