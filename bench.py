@@ -38,6 +38,7 @@ on a dedicated GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -1069,56 +1070,95 @@ def bench_datapath(cfg, results):
 
 
 def _decode_rates(cfg, paths: list[str], size: int) -> dict:
-    """images/s of imagefolder.load_image over `paths`: train and eval crops, each with and
-    without reduced-size JPEG decoding; the same crops for both, repetitions interleaved."""
+    """images/s of imagefolder.load_image over `paths`, one thread as in a worker: train and eval
+    crops by Pillow at full size, Pillow with reduced-size JPEG decoding, and where installed
+    torchcodec (imagefolder's "auto" decoder) and torchvision.io; the same crops for all."""
     import imagefolder
-    variants = {f"{mode}, {'reduced-size' if draft else 'full-size'} decode": (mode, draft)
-                for mode in ("train", "eval") for draft in (False, True)}
-    per_s = {k: [] for k in variants}
-    for rep in range(cfg["dp_reps"]):
-        for name, (mode, draft) in variants.items():
-            rng = np.random.default_rng(rep)
-            t = time.perf_counter()
-            for p in paths:
-                imagefolder.load_image(p, size, rng if mode == "train" else None, draft=draft)
-            per_s[name].append(len(paths) / (time.perf_counter() - t))
+    load = {}
+    for mode in ("train", "eval"):
+        load[f"{mode}, Pillow, full-size decode"] = (mode, functools.partial(imagefolder.load_image, draft=False))
+        load[f"{mode}, Pillow, reduced-size decode"] = (mode, imagefolder.load_image)
+        if imagefolder.resolve_decoder("auto") == "torchcodec":
+            load[f"{mode}, torchcodec (+ Pillow reduced-size)"] = (
+                mode, functools.partial(imagefolder.load_image, decoder="torchcodec"))
+        try:
+            import torchvision.io  # noqa: F401  (deprecated for decoding since 0.29: torchcodec)
+            load[f"{mode}, torchvision.io, full-size decode"] = (mode, _torchvision_load)
+        except (ImportError, RuntimeError):
+            pass
+    per_s = {k: [] for k in load}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)             # as in a DataLoader worker (resizing is torch's there)
+    try:
+        for rep in range(cfg["dp_reps"]):
+            for name, (mode, fn) in load.items():
+                rng = np.random.default_rng(rep)
+                t = time.perf_counter()
+                for p in paths:
+                    fn(p, size, rng if mode == "train" else None)
+                per_s[name].append(len(paths) / (time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(threads)
     return {k: statistics.median(v) for k, v in per_s.items()}
 
 
+def _torchvision_load(path: str, size: int, rng) -> torch.Tensor:
+    """imagefolder.load_image's crops with torchvision's decoder and resize, for comparison."""
+    import imagefolder
+    import torchvision.io
+    from torchvision.transforms.v2 import functional as TF
+    img = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+    h, w = img.shape[-2:]
+    box = imagefolder.crop_box(w, h, rng) if rng is not None else imagefolder.centre_box(w, h, size)
+    left, top, right, bottom = (round(v) for v in box)
+    out = TF.resized_crop(img, top, left, bottom - top, right - left, [size, size], antialias=True)
+    return out.flip(-1) if rng is not None and rng.random() < 0.5 else out
+
+
 def _datapath_epochs(cfg, root: str, size: int) -> list[dict]:
-    """The loader alone (FolderSource.train_batches, nothing trained) and whole train.py SADP
-    epochs, for each worker count; the second epoch of each run is the one reported."""
+    """For each worker count: the loader alone (FolderSource.train_batches, nothing trained)
+    with each installed decoder, then whole train.py SADP epochs with the "auto" decoder; the
+    second epoch of each is the one reported."""
     import imagefolder
     folder, runs = imagefolder.scan(root), []
+    decoders = sorted({"pillow", imagefolder.resolve_decoder("auto")})
     for rep in range(cfg["dp_reps"]):
         for workers in cfg["dp_workers"]:
-            source = imagefolder.FolderSource(folder, size, workers, cfg["device"], seed=rep)
-            try:
-                order = torch.randperm(len(folder.train))
-                for epoch in range(2):
-                    t = time.perf_counter()
-                    for _ in source.train_batches(epoch, order.split(cfg["dp_batch"])):
-                        pass
-                    loader_ips = len(order) / (time.perf_counter() - t)
-            finally:
-                source.close()
+            run = {"workers": workers, "rep": rep}
+            for decoder in decoders:
+                run[f"loader_{decoder}"] = _loader_rate(cfg, folder, size, workers, decoder, rep)
             s = train_once(dict(cfg, compile=cfg["compile"]), None, None, data="imagefolder", data_dir=root,
                            model=cfg["dp_model"], image_size=size, workers=workers, epochs=2, ratio=0.3,
                            batch_size=cfg["dp_batch"], seed=rep)
             last = s["history"][-1]
-            runs.append({"workers": workers, "rep": rep, "loader_images_per_s": loader_ips,
-                         "train_images_per_s": last["examples"] / last["seconds"],
-                         "data_wait": last["data_wait"]})
-    rows = []
-    for workers in cfg["dp_workers"]:
-        mine = [r for r in runs if r["workers"] == workers]
-        rows.append([workers] + [statistics.median(r[k] for r in mine)
-                                 for k in ("loader_images_per_s", "train_images_per_s", "data_wait")])
-    table(f"Streaming loader and SADP epochs (r = 0.3), {cfg['dp_model']} T={cfg['T']}, {size} px, "
-          f"batch {cfg['dp_batch']}, {cfg['device']}{', bf16' if cfg['amp'] else ''}; second epoch of 2, "
-          f"median of {cfg['dp_reps']} interleaved reps",
-          ["workers", "loader images/s", "training images/s", "share of the epoch waiting for data"], rows)
+            runs.append(dict(run, train_images_per_s=last["examples"] / last["seconds"],
+                             data_wait=last["data_wait"]))
+    keys = [f"loader_{d}" for d in decoders] + ["train_images_per_s", "data_wait"]
+    rows = [[w] + [statistics.median(r[k] for r in runs if r["workers"] == w) for k in keys]
+            for w in cfg["dp_workers"]]
+    table(f"Streaming loader and SADP epochs (r = 0.3, decoder {imagefolder.resolve_decoder('auto')}), "
+          f"{cfg['dp_model']} T={cfg['T']}, {size} px, batch {cfg['dp_batch']}, "
+          f"{cfg['device']}{', bf16' if cfg['amp'] else ''}; second epoch of 2, median of "
+          f"{cfg['dp_reps']} interleaved reps",
+          ["workers"] + [f"loader alone, {d} (images/s)" for d in decoders]
+          + ["training images/s", "share of the epoch waiting for data"], rows)
     return runs
+
+
+def _loader_rate(cfg, folder, size: int, workers: int, decoder: str, seed: int) -> float:
+    """images/s of the second of two passes of FolderSource.train_batches over the training set."""
+    import imagefolder
+    source = imagefolder.FolderSource(folder, size, workers, cfg["device"], seed=seed, decoder=decoder)
+    try:
+        order = torch.randperm(len(folder.train))
+        for epoch in range(2):
+            t = time.perf_counter()
+            for _ in source.train_batches(epoch, order.split(cfg["dp_batch"])):
+                pass
+            rate = len(order) / (time.perf_counter() - t)
+    finally:
+        source.close()
+    return rate
 
 
 # ---------------------------------------------------------------------------------------------

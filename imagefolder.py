@@ -9,7 +9,8 @@
 
 The in-memory path of data.py is the fast one for sets that fit on the device (CIFAR); this
 one is for sets that do not. Images are decoded by Pillow (`pip install pillow`; Pillow-SIMD
-is a faster drop-in) in DataLoader worker processes, as uint8, and cross to the device as
+is a faster drop-in), or by torchcodec where it is installed (faster on ImageNet-sized JPEGs), in
+DataLoader worker processes, as uint8, and cross to the device as
 uint8; normalisation happens there. The sampler, SADP's or a baseline's, draws each epoch in
 the main process; the loader only reads the minibatches it is given, so the draw, its weights
 and its distribution over ranks are exactly those of the in-memory path.
@@ -212,33 +213,79 @@ def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE
     return left, top, left + w, top + h
 
 
-def centre_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+def centre_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     """The centre size x size crop of the image resized so that its shorter side is
-    size / EVAL_CROP, as a box in the original image's pixels."""
-    side = min(width, height) * EVAL_CROP
-    left, top = (width - side) / 2, (height - side) / 2
+    size / EVAL_CROP, as a box in the original image's pixels (whole pixels, so that every
+    decoder crops the same ones)."""
+    side = max(1, round(min(width, height) * EVAL_CROP))
+    left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
 
 
-def load_image(path: str, size: int, rng: np.random.Generator | None, draft: bool = True) -> Tensor:
+DECODERS = ("auto", "pillow", "torchcodec")
+
+
+def resolve_decoder(decoder: str = "auto") -> str:
+    """"auto": torchcodec where it is installed (1.4-1.7x faster on ImageNet-sized JPEGs,
+    bench.py --only datapath), else Pillow. DataError if torchcodec is asked for but missing."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+    if decoder == "pillow":
+        return decoder
+    try:
+        from torchcodec.decoders import decode_image  # noqa: F401
+    except Exception as e:        # ImportError, or its native libraries failing to load
+        if decoder == "torchcodec":
+            raise DataError(f"--decoder torchcodec: torchcodec does not load ({type(e).__name__}: "
+                            f"{e}); pip install torchcodec (the release matching your torch), or "
+                            f"use --decoder pillow") from e
+        return "pillow"
+    return "torchcodec"
+
+
+def load_image(path: str, size: int, rng: np.random.Generator | None, draft: bool = True,
+               decoder: str = "pillow") -> Tensor:
     """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
     probability 1/2, when rng is given (training); the evaluation centre crop otherwise.
-    Pillow's errors for unreadable files propagate (OSError, SyntaxError, ValueError, ...)."""
+
+    Pillow reads the header (the size, for the crop); then a JPEG whose crop allows it is
+    decoded by Pillow at reduced size (draft); else, with decoder="torchcodec", JPEG and PNG
+    files are decoded by torchcodec and resized by torch (bilinear, antialiased); the rest by
+    Pillow. Errors for unreadable files propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
         width, height = img.size
         box = crop_box(width, height, rng) if rng is not None else centre_box(width, height, size)
-        if draft and img.format == "JPEG":
-            # the largest DCT scaling (1/2, 1/4, 1/8) that keeps the crop >= size on both sides
-            shrink = min(box[2] - box[0], box[3] - box[1]) / size
-            if shrink >= 2:
-                img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
-                sx, sy = img.size[0] / width, img.size[1] / height
-                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        out = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
-        if rng is not None and rng.random() < 0.5:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(out))
+        # the largest DCT scaling (1/2, 1/4, 1/8) that keeps the crop >= size on both sides
+        shrink = min(box[2] - box[0], box[3] - box[1]) / size
+        out = None
+        if draft and img.format == "JPEG" and shrink >= 2:
+            img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+            sx, sy = img.size[0] / width, img.size[1] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        elif decoder == "torchcodec" and img.format in ("JPEG", "PNG"):
+            try:
+                out = _torchcodec_crop(path, box, size, (height, width))
+            except RuntimeError:      # Pillow decides: it decodes the file, or says why it cannot
+                out = None
+        if out is None:
+            out = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)))
+    if rng is not None and rng.random() < 0.5:
+        out = out.flip(1)
+    return out
+
+
+def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tensor | None:
+    """torchcodec's decode, the box cropped and resized to size x size: uint8 [size, size, 3];
+    None if the decoded image is not the shape Pillow's header gave (e.g. rotated by EXIF)."""
+    from torchcodec.decoders import decode_image
+    x = decode_image(path, mode="RGB")                          # [3, H, W] uint8
+    if tuple(x.shape[1:]) != shape:
+        return None
+    left, top, right, bottom = (int(round(v)) for v in box)
+    crop = x[None, :, top:max(bottom, top + 1), left:max(right, left + 1)]
+    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+    return out[0].permute(1, 2, 0).contiguous()
 
 
 def unreadable() -> tuple[type[Exception], ...]:
@@ -254,9 +301,9 @@ class FolderDataset(torch.utils.data.Dataset):
     image black, if the file could not be decoded (the main process decides what that means)."""
 
     def __init__(self, split: Split, size: int, train: bool, seed: int = 0, draft: bool = True,
-                 augment: bool = True):
+                 augment: bool = True, decoder: str = "pillow"):
         self.split, self.size, self.train, self.seed = split, size, train, seed
-        self.draft, self.augment = draft, augment
+        self.draft, self.augment, self.decoder = draft, augment, decoder
         self.unreadable = unreadable()
 
     def __len__(self) -> int:
@@ -270,7 +317,8 @@ class FolderDataset(torch.utils.data.Dataset):
             index, rng = key, None
         label = int(self.split.labels[index])
         try:
-            return load_image(self.split.path(index), self.size, rng, self.draft), label, index, True
+            image = load_image(self.split.path(index), self.size, rng, self.draft, self.decoder)
+            return image, label, index, True
         except self.unreadable:
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
 
@@ -302,8 +350,10 @@ class FolderSource:
     on the device. The in-memory sets have the same interface (train.MemorySource)."""
 
     def __init__(self, folder: Folder, size: int, workers: int, device, seed: int = 0,
-                 rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True):
+                 rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True,
+                 decoder: str = "auto"):
         require_pillow()
+        self.decoder = resolve_decoder(decoder)
         self.folder, self.device, self.rank, self.skip_corrupt = folder, torch.device(device), rank, skip_corrupt
         self.num_train, self.num_test = len(folder.train), len(folder.val)
         self.num_classes = len(folder.classes)
@@ -312,9 +362,9 @@ class FolderSource:
         self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch
         pin = self.device.type == "cuda"
         self._train_batches, self._test_batches = Batches(), Batches()
-        self._train = make_loader(FolderDataset(folder.train, size, True, seed, draft, augment),
+        self._train = make_loader(FolderDataset(folder.train, size, True, seed, draft, augment, self.decoder),
                                   self._train_batches, workers, pin)
-        self._test = make_loader(FolderDataset(folder.val, size, False, seed, draft),
+        self._test = make_loader(FolderDataset(folder.val, size, False, seed, draft, decoder=self.decoder),
                                  self._test_batches, workers, pin)
         for loader in (self._train, self._test):    # fork the workers now, before torch.compile
             for _ in loader:                        # starts its threads and subprocesses

@@ -4,6 +4,7 @@ files written by the tests, read by DataLoader workers, end to end through train
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -112,7 +113,6 @@ def test_a_wrong_layout_is_named_before_any_training(tmp_path, capsys, break_it,
 
 def test_a_flat_val_folder_is_sorted_by_a_labels_file_and_then_scans(tmp_path):
     import subprocess
-    import sys
     root = write_folder(tmp_path / "ds", 2, 2)
     truth = {}
     for name in CLASSES:                                   # flatten val/ as ImageNet ships it
@@ -171,10 +171,10 @@ def test_crop_box_area_and_aspect_follow_their_distributions():
     assert abs(centre.mean() - 200) < 4                            # placed without bias
 
 
-def smooth_photo(path, width=800, height=600):
-    """A smooth, photo-like JPEG: low-frequency colour fields (where DCT downscaling is exact
-    enough to compare against full decoding)."""
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+def smooth_photo(path, width=800, height=600, detail=1.0):
+    """A smooth, photo-like JPEG: colour fields of low frequency (times `detail`), where DCT
+    downscaling and either decoder's resize are exact enough to compare against each other."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height) * detail
     pixels = np.stack([np.sin(6 * x + 1) * np.cos(5 * y), np.cos(7 * x * y + 2 * y),
                        np.sin(4 * (x + y))], -1)
     Image.fromarray(((pixels + 1) * 127.5).astype(np.uint8)).save(path, quality=95)
@@ -191,9 +191,29 @@ def test_reduced_size_jpeg_decoding_gives_the_image_full_decoding_gives(tmp_path
     assert (fast - full).abs().mean() < 3.0                         # of 255; a misplaced box: > 20
 
 
+@pytest.mark.parametrize("seed", [None, 0, 1, 2])
+def test_torchcodec_decoding_gives_the_image_pillow_gives(tmp_path, seed):
+    pytest.importorskip("torchcodec.decoders", reason="the torchcodec decoder is optional")
+    path = smooth_photo(tmp_path / "photo.jpg", 480, 360, detail=6)   # ImageNet-sized: full decode
+    rng = lambda: None if seed is None else np.random.default_rng(seed)
+    # at 224 px no crop of this photo is twice the output: torchcodec decodes every one
+    codec = imagefolder.load_image(path, 224, rng(), decoder="torchcodec").float()
+    pillow = imagefolder.load_image(path, 224, rng(), decoder="pillow").float()
+    assert codec.shape == pillow.shape == (224, 224, 3)
+    assert (codec - pillow).abs().mean() < 1.0         # the same pixels; another crop: > 50
+
+
+def test_decoder_auto_falls_back_to_pillow_and_a_missing_torchcodec_is_named(monkeypatch):
+    for name in ("torchcodec", "torchcodec.decoders"):          # the import fails
+        monkeypatch.setitem(sys.modules, name, None)
+    assert imagefolder.resolve_decoder("auto") == "pillow"
+    with pytest.raises(DataError, match="pip install torchcodec"):
+        imagefolder.resolve_decoder("torchcodec")
+
+
 def test_evaluation_crop_is_the_centre_of_the_shorter_side_resize(tmp_path):
     # 400 x 300, size 64: the shorter side resized to 64 / 0.875 and the centre 64 x 64 kept is
-    # the centre 262.5 x 262.5 of the original: rows 18.75-281.25, columns 68.75-331.25
+    # the centre 262 x 262 of the original: rows 19-281, columns 69-331
     def crop_of(frame):
         pixels = np.full((300, 400, 3), (255, 0, 0), np.uint8)   # a red frame around grey
         pixels[frame:-frame, frame:-frame] = 128

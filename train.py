@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="imagenet/imagefolder: decoding processes per GPU/process (default: the "
                         "CPU cores shared among the processes of this machine, at most 8)")
+    p.add_argument("--decoder", choices=imagefolder.DECODERS, default=None,
+                   help="imagenet/imagefolder: JPEG decoder (default auto: torchcodec where it is "
+                        "installed, else Pillow; large JPEGs go to Pillow's reduced-size decoding)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="imagenet/imagefolder: train on past an image that cannot be decoded (it "
                         "gets weight 0 and is counted in the epoch's row) instead of stopping")
@@ -191,12 +194,14 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if getattr(args, key) is None:
             setattr(args, key, value)
     if not folder:
-        for flag in ("image_size", "workers", "skip_corrupt"):
+        for flag in ("image_size", "workers", "skip_corrupt", "decoder"):
             if getattr(args, flag) not in (None, False):
                 parser.error(f"--{flag.replace('_', '-')} is for --data imagenet / imagefolder only")
-    elif args.workers is None:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        args.workers = max(1, min(8, (os.cpu_count() or 1) // local))
+    else:
+        args.decoder = args.decoder or "auto"
+        if args.workers is None:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            args.workers = max(1, min(8, (os.cpu_count() or 1) // local))
     if args.data_dir is None:
         if args.data == "imagefolder":
             parser.error("--data imagefolder needs --data-dir DIR, the folder holding train/<class>/ "
@@ -607,9 +612,12 @@ def make_source(args, rank: int, world_size: int, device, dataset, stats):
         if len({bytes(d.tolist()) for d in _every_rank(digest, world_size)}) > 1:
             raise RunError(f"the processes see different files in {args.data_dir}; every node "
                            f"needs the same copy of the data set.")
-    return imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed,
-                                    rank=rank, skip_corrupt=args.skip_corrupt,
-                                    augment=not args.no_augment), aug_gen
+    source = imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed,
+                                      rank=rank, skip_corrupt=args.skip_corrupt,
+                                      augment=not args.no_augment, decoder=args.decoder)
+    if rank == 0 and not args.quiet:
+        print(f"decoding with {source.decoder}, {args.workers} worker process(es) per process")
+    return source, aug_gen
 
 
 def setup(args, place, dataset: data.ArrayDataset | None, stats) -> SimpleNamespace:
