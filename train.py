@@ -83,21 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="where data sets are cached (default ./data); for imagenet (default "
                         "./data/imagenet) and imagefolder (required) the folder holding train/ and val/")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="imagenet/imagefolder: crop size in pixels (default 224)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="imagenet/imagefolder: decoding processes per GPU/process (default: the "
-                        "CPU cores shared among the processes of this machine, at most 8)")
-    p.add_argument("--decoder", choices=imagefolder.DECODERS, default=None,
-                   help="imagenet/imagefolder: JPEG decoder (default auto: torchcodec where it is "
-                        "installed, else Pillow; large JPEGs go to Pillow's reduced-size decoding)")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="imagenet/imagefolder: train on past an image that cannot be decoded (it "
-                        "gets weight 0 and is counted in the epoch's row) instead of stopping")
     p.add_argument("--train-size", type=int, default=None,
                    help="synthetic only: training examples (default 10000)")
     p.add_argument("--test-size", type=int, default=None,
                    help="synthetic only: test examples (default 2000)")
+    add_folder_options(p)
     p.add_argument("--model", choices=models.MODELS, default=None,
                    help="network (default resnet19, the usual CIFAR SNN; conv1d for mnist1d, the "
                         "only one that takes its 1-D signals; sew_resnet34 for imagenet and "
@@ -183,6 +173,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.join("runs", f"{args.data}-{args.model}-{args.method}-r{args.ratio:g}-s{args.seed}")
     return args
+
+
+def add_folder_options(p: argparse.ArgumentParser) -> None:
+    """The streaming path's settings (--data imagenet / imagefolder only)."""
+    p.add_argument("--image-size", type=int, default=None,
+                   help="imagenet/imagefolder: crop size in pixels (default 224)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="imagenet/imagefolder: decoding processes per GPU/process (default: the "
+                        "CPU cores shared among the processes of this machine, at most 8)")
+    p.add_argument("--decoder", choices=imagefolder.DECODERS, default=None,
+                   help="imagenet/imagefolder: JPEG decoder (default auto: torchcodec where it is "
+                        "installed, else Pillow; large JPEGs go to Pillow's reduced-size decoding)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="imagenet/imagefolder: train on past an image that cannot be decoded (it "
+                        "gets weight 0 and is counted in the epoch's row) instead of stopping")
 
 
 def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
