@@ -358,6 +358,7 @@ class FolderSource:
         self.folder, self.device, self.rank, self.skip_corrupt = folder, torch.device(device), rank, skip_corrupt
         self.num_train, self.num_test = len(folder.train), len(folder.val)
         self.num_classes = len(folder.classes)
+        self.digest = folder.digest()     # computed once: checked across ranks and on --resume
         self.norm = Normalizer(IMAGENET_STATS, self.device)
         self.skipped = 0                  # unreadable images met so far (with skip_corrupt)
         self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch

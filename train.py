@@ -612,14 +612,15 @@ def make_source(args, rank: int, world_size: int, device, dataset, stats):
         raise RunError(f"--data imagenet: {args.data_dir} has {len(folder.classes)} classes, "
                        f"ImageNet-1k has 1000; for another set in its layout (ImageNet-100, "
                        f"Tiny-ImageNet, ...) use --data imagefolder.")
-    if world_size > 1:    # every rank must index the same files in the same order
-        digest = torch.frombuffer(bytearray(folder.digest()), dtype=torch.uint8)
-        if len({bytes(d.tolist()) for d in _every_rank(digest, world_size)}) > 1:
-            raise RunError(f"the processes see different files in {args.data_dir}; every node "
-                           f"needs the same copy of the data set.")
     source = imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed,
                                       rank=rank, skip_corrupt=args.skip_corrupt,
                                       augment=not args.no_augment, decoder=args.decoder)
+    if world_size > 1:    # every rank must index the same files in the same order
+        digest = torch.frombuffer(bytearray(source.digest), dtype=torch.uint8)
+        if len({bytes(d.tolist()) for d in _every_rank(digest, world_size)}) > 1:
+            source.close()
+            raise RunError(f"the processes see different files in {args.data_dir}; every node "
+                           f"needs the same copy of the data set.")
     if rank == 0 and not args.quiet:
         print(f"decoding with {source.decoder}, {args.workers} worker process(es) per process")
     return source, aug_gen
@@ -693,9 +694,10 @@ def train_epoch(r, epoch: int) -> dict:
         bad_step = torch.where(torch.isfinite(loss_d) | (bad_step >= 0), bad_step, step)
         loss_sum += loss_d * len(idx)
         rate_sum += r.model.spike_rate().detach().float()
-        read = slice(None) if keep is None else keep.bool()     # no score for a black stand-in
-        seen_idx.append(idx.to(device, non_blocking=True)[read])
-        seen_scores.append(scores[read])
+        if keep is not None:         # no score for a black stand-in
+            idx, scores = idx[keep.bool().cpu()], scores[keep.bool()]
+        seen_idx.append(idx)         # on the CPU, where sampler.update reads it
+        seen_scores.append(scores)
         show(step + 1, (step + 1) * r.local_batch * r.world_size)
     if int(bad_step) >= 0:
         raise Diverged(
@@ -779,7 +781,7 @@ def run_state(r) -> dict:
     p = r.progress   # epoch (epochs done), history, example_passes, train_seconds, wall_seconds
     table = {"args": (lambda: _args_dict(r.args), lambda saved: _check_same_run(r.args, saved))}
     if r.args.data in FOLDER_SETS:   # the scores are per file: the files must be the same ones
-        table["files"] = (lambda: r.source.folder.digest().hex(), functools.partial(_check_same_files, r))
+        table["files"] = (lambda: r.source.digest.hex(), functools.partial(_check_same_files, r))
     table.update({k: (functools.partial(p.get, k), functools.partial(p.__setitem__, k)) for k in p})
     table.update({
         "model": (r.model.state_dict, r.model.load_state_dict),
@@ -946,7 +948,7 @@ _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_s
 
 
 def _check_same_files(r, saved: str) -> None:
-    if saved != r.source.folder.digest().hex():
+    if saved != r.source.digest.hex():
         raise RunError(f"--resume: the images in {r.args.data_dir} are not those this run started "
                        f"with (an image or class added, removed or renamed); its scores and "
                        f"checkpoint belong to the old list. Restore the folder as it was (replace "
