@@ -509,7 +509,7 @@ def test_synthetic_is_learnable_but_not_trivial():
 def test_mnist1d_is_the_published_split():
     pytest.importorskip("mnist1d", reason="--data mnist1d needs `pip install mnist1d`")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                   # a hash mismatch would warn
+        warnings.simplefilter("error")                   # a fingerprint mismatch would warn
         ds = data.load_dataset("mnist1d")
     assert ds.x_train.shape == (4000, 1, 40) and ds.x_test.shape == (1000, 1, 40)
     assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
@@ -519,6 +519,27 @@ def test_mnist1d_is_the_published_split():
     assert data.make_normalizer("mnist1d")(x) is x
     with pytest.raises(ValueError, match="published 4000 / 1000"):
         data.load_dataset("mnist1d", num_train=100)
+
+
+def test_mnist1d_fingerprint_allows_rounding_and_nothing_more():
+    """The published-set check is portable: last-bit differences (other numeric libraries) pass,
+    a changed value, a changed label or two swapped examples do not."""
+    pytest.importorskip("mnist1d", reason="--data mnist1d needs `pip install mnist1d`")
+    from mnist1d.data import get_dataset_args, make_dataset
+    d = make_dataset(get_dataset_args())
+    assert data.mnist1d_mismatch(d) is None
+    ulp = lambda a, toward: np.nextafter(a, toward * np.inf)
+    rng = np.random.default_rng(0)
+    nudged = dict(d, x=ulp(d["x"], rng.choice([-1, 1], d["x"].shape)), x_test=ulp(d["x_test"], 1))
+    assert data.mnist1d_mismatch(nudged) is None                            # 1 ulp everywhere
+    changed = {k: np.array(v, copy=True) for k, v in d.items() if k in ("x", "y", "x_test", "y_test")}
+    changed["x_test"][123, 7] += 1e-6
+    assert "signals (x_test)" in data.mnist1d_mismatch(changed)
+    swapped = dict(d, x=d["x"][[1, 0] + list(range(2, len(d["x"])))])
+    assert "signals (x)" in data.mnist1d_mismatch(swapped)
+    relabelled = dict(d, y=np.where(np.arange(len(d["y"])) == 5, (d["y"] + 1) % 10, d["y"]))
+    assert "labels" in data.mnist1d_mismatch(relabelled)
+    assert "shape" in data.mnist1d_mismatch(dict(d, x=d["x"][:-1]))
 
 
 def test_mnist1d_without_the_package_names_the_install_command(monkeypatch):
