@@ -57,7 +57,8 @@ import data
 import models
 import train
 from baselines import baseline_loss
-from sadp import (HeadTap, NetworkTap, SADPSampler, head_gradient_bound, head_gradient_norm,
+from netbound import NetworkTap
+from sadp import (HeadTap, SADPSampler, head_gradient_bound, head_gradient_norm,
                   spike_aware_loss)
 
 # The accuracy section's methods at each ratio: train.py's, plus sadp drawn i.i.d. (with

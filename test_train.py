@@ -186,7 +186,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--batch-size", "0"], "--batch-size"),
     (["--lr", "nan"], "--lr"),
     (["--epsilon", "0"], "--epsilon"),
-    (["--initial-score", "lots"], "--initial-score"),
+    (["--smoothing", "0.5"], "unrecognized arguments: --smoothing"),   # removed: docs/variants.md
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--data", "cifar10", "--train-size", "10"], "--train-size"),
     (["--exact-score", "--method", "ann"], "--exact-score"),
@@ -238,45 +238,18 @@ def test_mnist1d_end_to_end(tmp_path):
     assert s["final_test_acc"] > 0.25                    # chance is 0.1; full data: ~0.45 here
 
 
-@pytest.mark.parametrize("schedule", ["constant", "warmup", "anneal"])
-@pytest.mark.parametrize("ratio, epochs", [(0.3, 8), (0.7, 40), (0.5, 9)])
-def test_schedules_keep_the_budget(schedule, ratio, epochs):
-    r = train.epoch_ratios(schedule, ratio, epochs)
-    assert len(r) == epochs and all(0 <= x < 1 for x in r)
-    assert sum(1 - x for x in r) == pytest.approx((1 - ratio) * epochs)
-    if schedule != "constant":
-        assert r[0] == 0.0                               # all data while no scores exist
-    if schedule == "anneal":
-        assert r[-1] == 0.0 and r.count(0.0) == 1 + math.ceil(epochs / 8)
-
-
-def test_schedule_runs_at_the_budget_and_refuses_what_cannot_fit(tmp_path, capsys):
-    s = run(tmp_path, "--epochs", "3", "--schedule", "warmup", "--ratio", "0.5")
-    assert s["history"][0]["examples"] == 1000           # first epoch: all the data
-    assert abs(s["example_passes"] - 0.5 * s["full_data_passes"]) <= 3
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(SMALL + ["--epochs", "2", "--schedule", "anneal", "--ratio", "0.7"])
-    assert e.value.code == 2 and "cannot keep the budget" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("method", ["sadp", "uniform"])
-def test_lr_scale_budget_is_one_over_keep_and_gain_is_capped(method):
-    """budget: lr x 1 / (1 - r_e) for each epoch's own ratio (1 on full-data epochs of a
-    schedule); gain: the sampler's variance gain, between 1 and --max-lr-scale."""
-    args = train.parse_args(SMALL + ["--method", method, "--ratio", "0.6", "--lr-scale", "budget",
-                                     "--epochs", "9", "--schedule", "warmup"])
+@pytest.mark.parametrize("method, flags, factor", [("sadp", [], 1 / 0.4), ("uniform", [], 1 / 0.4),
+                                                   ("sadp", ["--lr-scale", "none"], 1.0),
+                                                   ("infobatch", [], 1.0)])
+def test_lr_scale_budget_is_one_over_keep(method, flags, factor):
+    """budget (the default for sadp, ann, uniform): lr x 1 / (1 - r); none: lr as given."""
+    args = train.parse_args(SMALL + ["--method", method, "--ratio", "0.6"] + flags)
     m = train.make_method(args, None, 1000, 0, 1)
-    assert m.begin_epoch(0) == 1.0                               # warmup: all data, r_0 = 0
-    keep = (0.4 * 9 - 1) / 8
-    assert m.begin_epoch(1) == pytest.approx(1 / keep)
-    args = train.parse_args(SMALL + ["--ratio", "0.6", "--lr-scale", "gain", "--max-lr-scale", "1.5"])
-    m = train.make_method(args, None, 1000, 0, 1)
-    m.sampler.update(torch.arange(1000), torch.rand(1000) ** 4)
-    assert 1.0 < m.begin_epoch(1) <= 1.5
+    assert m.begin_epoch(0) == pytest.approx(factor)
 
 
 def test_lr_scale_refuses_methods_it_does_not_apply_to(capsys):
-    for flags in (["--method", "uniform", "--lr-scale", "gain"], ["--method", "infobatch", "--lr-scale", "budget"]):
+    for flags in (["--method", "full", "--lr-scale", "budget"], ["--method", "infobatch", "--lr-scale", "budget"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(SMALL + flags)
         assert e.value.code == 2 and "--lr-scale" in capsys.readouterr().err

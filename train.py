@@ -52,11 +52,11 @@ import data
 import imagefolder
 import models
 from baselines import baseline_loss
-from sadp import HeadTap, NetworkTap, SADPSampler, all_gather_cat, spike_aware_loss
+from netbound import NetworkTap
+from sadp import HeadTap, SADPSampler, all_gather_cat, spike_aware_loss
 
 METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 SEEDS = 2**32                        # --seed lies in [0, 2**32), as numpy's seeds do
-SCHEDULES = ("constant", "warmup", "anneal")
 FOLDER_SETS = ("imagenet", "imagefolder")   # streamed from disk (imagefolder.py); the rest: in memory
 
 # Each family's defaults: the recipe the SNN literature trains its usual network with (README:
@@ -224,36 +224,16 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
                         "(default 0.3; not used with --method full)")
     p.add_argument("--epsilon", type=float, default=0.1,
                    help="sadp/ann: uniform share of the sampling distribution (default 0.1)")
-    p.add_argument("--initial-score", default="mean",
-                   help="sadp/ann: score of not-yet-seen examples: mean, max or a number (default mean)")
     p.add_argument("--replacement", action=argparse.BooleanOptionalAction, default=False,
                    help="sadp/ann: draw the epoch i.i.d. from p (--replacement, as in the method's "
                         "derivation) or without replacement, each example at most once and with "
                         "probability (1 - r) N p_i (default: without; bench.py measures about 4x "
                         "lower variance of the epoch's gradient estimate at r = 0.3)")
-    p.add_argument("--smoothing", type=float, default=0.0,
-                   help="sadp/ann: exponential moving average of each example's score across "
-                        "visits, weight of the old score in [0, 1) (default 0: newest score)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                   help="sadp/ann/uniform: how the pruning ratio varies over epochs at the same "
-                        "total budget (1 - r) N E: constant (default); warmup (first epoch on all "
-                        "data, when no scores exist yet); anneal (also the last 12.5%% of epochs "
-                        "on all data, as InfoBatch does), the other epochs pruned harder")
-    p.add_argument("--lr-scale", choices=("none", "gain", "budget"), default=None,
-                   help="multiply each epoch's learning rate: budget by 1 / (1 - r), so that an "
-                        "epoch's summed update equals a full-data epoch's in expectation, as "
-                        "InfoBatch's 1 / (1 - r) rescaling of the kept examples does (default for "
-                        "sadp, ann and uniform: on MNIST-1D it raised both sadp and uniform by "
-                        "13.6-14.1 pp at r = 0.7 and 3.4-3.7 pp at r = 0.5, python bench.py --only "
-                        "evidence); gain (sadp/ann) by the sampler's estimated variance reduction "
-                        "(Johnson & Guestrin, NeurIPS 2018), capped by --max-lr-scale (it gained "
-                        "less); none (default for full and infobatch)")
-    p.add_argument("--max-lr-scale", type=float, default=2.0,
-                   help="cap of the --lr-scale gain factor (default 2)")
-    p.add_argument("--weight-power", type=float, default=1.0,
-                   help="sadp/ann: use w^beta instead of w = 1/(N p). 1 (default) keeps every "
-                        "minibatch gradient unbiased; beta < 1 is BIASED towards the high-score "
-                        "examples (0: no re-weighting at all, plain hard-example sampling)")
+    p.add_argument("--lr-scale", choices=("none", "budget"), default=None,
+                   help="budget: multiply the learning rate by 1 / (1 - r), so that an epoch's summed "
+                        "update equals a full-data epoch's in expectation, as InfoBatch's rescaling "
+                        "does (default for sadp, ann and uniform; docs/results.md shows what it is "
+                        "worth); none (default for full and infobatch)")
     p.add_argument("--exact-score", action="store_true",
                    help="sadp: exact head-gradient norm instead of the spike-aware bound")
     p.add_argument("--score", choices=("head", "network"), default="head",
@@ -274,35 +254,14 @@ def check_method_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--ratio must lie in [0, 1) (the fraction of example-passes saved); got {args.ratio}")
     if not 0.0 < args.epsilon <= 1.0:
         parser.error(f"--epsilon must lie in (0, 1]; got {args.epsilon}")
-    if args.initial_score not in ("mean", "max"):
-        try:
-            args.initial_score = float(args.initial_score)
-        except ValueError:
-            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score!r}")
-        if not (math.isfinite(args.initial_score) and args.initial_score > 0):
-            parser.error(f"--initial-score must be mean, max or a positive number; got {args.initial_score}")
     if args.exact_score and args.method != "sadp":
         parser.error("--exact-score only applies to --method sadp")
     if args.score == "network" and (args.method != "sadp" or args.exact_score):
         parser.error("--score network only applies to --method sadp, without --exact-score")
-    if not 0.0 <= args.smoothing < 1.0:
-        parser.error(f"--smoothing must lie in [0, 1); got {args.smoothing}")
-    if not (math.isfinite(args.weight_power) and 0.0 <= args.weight_power <= 1.0):
-        parser.error(f"--weight-power must lie in [0, 1]; got {args.weight_power}")
-    if not (math.isfinite(args.max_lr_scale) and args.max_lr_scale >= 1.0):
-        parser.error(f"--max-lr-scale must be at least 1; got {args.max_lr_scale}")
     if args.lr_scale is None:
         args.lr_scale = "budget" if args.method in ("sadp", "ann", "uniform") else "none"
-    scaled = {"gain": ("sadp", "ann"), "budget": ("sadp", "ann", "uniform")}.get(args.lr_scale)
-    if scaled and args.method not in scaled:
-        parser.error(f"--lr-scale {args.lr_scale} applies to {', '.join(scaled)}; not to {args.method}")
-    if args.schedule != "constant":
-        if args.method in ("full", "infobatch"):
-            parser.error(f"--schedule applies to sadp, ann and uniform; {args.method} has its own")
-        try:
-            epoch_ratios(args.schedule, args.ratio, args.epochs)
-        except ValueError as e:
-            parser.error(str(e))
+    if args.lr_scale == "budget" and args.method not in ("sadp", "ann", "uniform"):
+        parser.error(f"--lr-scale budget applies to sadp, ann and uniform; not to {args.method}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,31 +292,20 @@ def make_method(args, model, num_examples: int, rank: int, world_size: int) -> M
         sampler = baselines.InfoBatchSampler(num_examples, args.ratio, args.epochs, **place)
     else:   # sadp; ann (the same sampler, a spike-blind score); full (ratio 0: all, weight 1)
         sampler = SADPSampler(num_examples, args.ratio, epsilon=args.epsilon, replacement=args.replacement,
-                              initial_score=args.initial_score, smoothing=args.smoothing, **place)
-    ratios = epoch_ratios(args.schedule, args.ratio, args.epochs)
+                              **place)
 
     def begin_epoch(epoch: int) -> float:
-        if isinstance(sampler, SADPSampler):
-            sampler.set_epoch(epoch, ratios[epoch])
-        else:
-            sampler.set_epoch(epoch)
-        if args.lr_scale == "gain" and args.method in ("sadp", "ann"):
-            return min(sampler.variance_gain(), args.max_lr_scale)
-        if args.lr_scale == "budget" and args.method in ("sadp", "ann", "uniform"):
-            return 1.0 / (1.0 - ratios[epoch])
-        return 1.0
+        sampler.set_epoch(epoch)
+        return 1.0 / (1.0 - args.ratio) if args.lr_scale == "budget" else 1.0
 
     if args.method == "sadp":
         loss = functools.partial(spike_aware_loss, exact=args.exact_score, **readout)
     else:   # the loss score is what infobatch prunes by; full and uniform ignore scores
         loss = functools.partial(baseline_loss, kind="ann" if args.method == "ann" else "loss", **readout)
-    if args.weight_power != 1.0:    # w^beta: BIASED towards high-score examples unless beta = 1
-        unbiased = loss
-        loss = lambda outputs, y, h, w: unbiased(outputs, y, h, w.pow(args.weight_power))
     if args.score == "network":     # read off the backward pass, so ready only after it
         tap = NetworkTap(model, T=args.T)
         # the loss's own weights; a --skip-corrupt stand-in (w = 0) gets a score that is dropped
-        after_backward = lambda _, w: tap.pop(torch.where(w > 0, w, 1.0).pow(args.weight_power))
+        after_backward = lambda _, w: tap.pop(torch.where(w > 0, w, 1.0))
         return Method(sampler, begin_epoch, loss, after_backward, tap.remove)
     return Method(sampler, begin_epoch, loss, lambda scores, _: scores, lambda: None)
 
@@ -367,23 +315,6 @@ def make_method_or_exit(args, model, num_examples: int, rank: int, world_size: i
         return make_method(args, model, num_examples, rank, world_size)
     except ValueError as e:      # e.g. a ratio that leaves no example of a small data set
         raise RunError(f"--method {args.method} --ratio {args.ratio:g} on {num_examples} examples: {e}") from e
-
-
-def epoch_ratios(schedule: str, ratio: float, epochs: int) -> list[float]:
-    """Each epoch's pruning ratio under `schedule`, at the budget of a constant ratio: the
-    epochs keep sum_e (1 - r_e) = (1 - ratio) * epochs (up to rounding to whole examples)."""
-    if schedule == "constant" or ratio == 0.0:
-        return [ratio] * epochs
-    full = [0] if schedule == "warmup" else [0] + list(range(epochs - math.ceil(0.125 * epochs), epochs))
-    full = sorted(set(full))
-    rest = epochs - len(full)
-    keep = ((1.0 - ratio) * epochs - len(full)) / rest if rest else 0.0
-    if rest == 0 or not 0.0 < keep <= 1.0:
-        raise ValueError(f"--schedule {schedule} with --ratio {ratio} and --epochs {epochs} cannot "
-                         f"keep the budget: its {len(full)} full-data epoch(s) already use more than "
-                         f"(1 - r) * epochs = {(1 - ratio) * epochs:g} epochs of passes; lower the "
-                         f"ratio, raise --epochs or use --schedule constant")
-    return [0.0 if e in full else 1.0 - keep for e in range(epochs)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,8 +694,7 @@ def evaluate(r, batch_size: int = 500) -> float:
     total = torch.zeros((), dtype=torch.long, device=r.device)
     with torch.no_grad(), r.amp_ctx():
         for xb, yb in r.source.test_batches(r.rank, r.world_size, batch_size):
-            r.model(xb)
-            outputs, _ = r.tap.pop()
+            outputs = r.model(xb)                      # [T, B, C]; the tap records no no_grad pass
             correct += (outputs.float().mean(0).argmax(-1) == yb).sum()
             total += (yb >= 0).sum()
     if r.world_size > 1:
@@ -943,8 +873,7 @@ def _synthetic_sizes(args) -> dict:
 _SAME_RUN = ("data", "train_size", "test_size", "model", "T", "epochs", "batch_size", "lr", "momentum",
              "no_augment", "image_size",
              "weight_decay", "label_smoothing", "per_timestep", "method", "ratio", "epsilon",
-             "initial_score", "replacement", "exact_score", "score", "seed", "smoothing", "schedule",
-             "lr_scale", "max_lr_scale", "weight_power")
+             "replacement", "exact_score", "score", "seed", "lr_scale")
 
 
 def _check_same_files(r, saved: str) -> None:
