@@ -109,8 +109,9 @@ LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image>, the s
 
 def scan(root: str | os.PathLike) -> Folder:
     """Lists DIR/train and DIR/val and checks the layout; DataError with the fix if it is wrong:
-    no such folder, no train/ or val/, images lying outside class folders, an empty class
-    folder, a class in one split but not the other."""
+    no such folder, no train/ or val/, images lying outside class folders, fewer than 2 classes,
+    an empty class folder, a class in one split but not the other, an entry that cannot be read.
+    As in torchvision's ImageFolder, every image anywhere below a class folder is of its class."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data-dir {root} is not a folder; {LAYOUT}.")
@@ -158,22 +159,20 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
 
 
 def _class_folders(split: Path) -> list[str]:
-    entries = [e for e in os.scandir(split) if not e.name.startswith(".")]
-    folders = sorted(e.name for e in entries if e.is_dir())
-    loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    folders, loose = _listdir(split)
     if loose:
         raise DataError(f"{split} holds {len(loose)} image(s) outside class folders (e.g. "
                         f"{loose[0]}); {LAYOUT}.")
-    if not folders:
-        raise DataError(f"{split} has no class folders; {LAYOUT}.")
+    if len(folders) < 2:
+        raise DataError(f"{split} holds {len(folders)} class folder(s) ({_some(folders)}); a "
+                        f"classifier needs at least 2 classes; {LAYOUT}.")
     return folders
 
 
 def _list_split(split: Path, classes: list[str]) -> Split:
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(split / name)
-                       if e.is_file() and not e.name.startswith(".") and _is_image(e.name))
+        files = sorted(_images_below(split / name, {_inode(split): split}))
         if not files:
             empty.append(name)
         paths += [os.fsencode(os.path.join(name, f)) for f in files]
@@ -183,6 +182,46 @@ def _list_split(split: Path, classes: list[str]) -> Split:
                         f"({', '.join(IMAGE_EXTENSIONS)}): {_some(empty)}. Remove them from both "
                         f"train/ and val/, or fill them.")
     return Split(str(split), np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.long))
+
+
+def _images_below(folder: Path, above: dict) -> Iterator[str]:
+    """The image files anywhere below `folder`, as paths relative to it: torchvision's ImageFolder
+    convention (symbolic links to folders followed), with a link back into a folder above, which
+    torchvision walks until the path is too long, refused. above: (device, inode) -> folder."""
+    here = _inode(folder)
+    if here in above:
+        raise DataError(f"{folder} is {above[here]} again (a symbolic link loop); remove the link.")
+    above = {**above, here: folder}
+    folders, images = _listdir(folder)
+    yield from images
+    for sub in folders:
+        yield from (os.path.join(sub, f) for f in _images_below(folder / sub, above))
+
+
+def _inode(folder: Path) -> tuple[int, int]:
+    st = os.stat(folder)
+    return st.st_dev, st.st_ino
+
+
+def _listdir(folder: Path) -> tuple[list[str], list[str]]:
+    """The sub-folders and image files in `folder`, sorted, symbolic links followed, hidden ones
+    (.name) left out. DataError for an entry that cannot be read (no permission, a link that
+    loops), and for a broken link: it may have led to images, which would go missing unseen."""
+    folders, images = [], []
+    try:
+        with os.scandir(folder) as entries:
+            for e in (e for e in entries if not e.name.startswith(".")):
+                if e.is_dir():
+                    folders.append(e.name)
+                elif e.is_file():
+                    images += [e.name] if _is_image(e.name) else []
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    raise DataError(f"{e.path} is a broken symbolic link (to {os.readlink(e.path)}); "
+                                    f"restore what it points to, or remove it.")
+    except OSError as e:
+        raise DataError(f"cannot read {e.filename or folder} ({e.strerror}); repair it, or "
+                        f"remove it from the data set.") from e
+    return sorted(folders), sorted(images)
 
 
 def _is_image(name: str) -> bool:

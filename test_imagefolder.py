@@ -141,6 +141,71 @@ def test_a_flat_val_folder_is_sorted_by_a_labels_file_and_then_scans(tmp_path):
     assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 0   # again: nothing
 
 
+def test_images_anywhere_below_a_class_folder_belong_to_it_as_in_torchvision(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    owl = os.path.join(root, "train", "owl")
+    os.makedirs(os.path.join(owl, "2024", "night"))
+    for rel in ("2024/a.JPEG", "2024/night/b.JPEG"):
+        os.replace(os.path.join(owl, "0.JPEG" if rel.startswith("2024/a") else "1.JPEG"), os.path.join(owl, rel))
+    os.symlink(os.path.join(root, "val", "owl"), os.path.join(owl, "linked"))    # followed
+    os.makedirs(os.path.join(owl, ".cache"))                                     # hidden: skipped
+    Image.new("RGB", (8, 8)).save(os.path.join(owl, ".cache", "thumb.JPEG"))
+    f = imagefolder.scan(root)
+    owls = [p.decode() for p, y in zip(f.train.paths, f.train.labels) if f.classes[y] == "owl"]
+    assert owls == ["owl/2024/a.JPEG", "owl/2024/night/b.JPEG", "owl/linked/0.JPEG"]
+    assert len(f.train) == 2 + 2 + 3
+
+
+def _loop_to_parent(owl):
+    os.symlink("..", os.path.join(owl, "up"))
+
+
+def _loop_to_itself(owl):
+    os.symlink("self", os.path.join(owl, "self"))
+
+
+def _broken_link(owl):
+    os.symlink("/nowhere/9.JPEG", os.path.join(owl, "9.JPEG"))
+
+
+def _no_permission(owl, monkeypatch):
+    os.makedirs(os.path.join(owl, "locked"))
+    real = os.scandir
+    def scandir(path="."):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)      # tests run as root, which chmod cannot stop
+
+
+@pytest.mark.parametrize("break_it, name, message", [
+    (_loop_to_parent, "up", "symbolic link loop"),
+    (_loop_to_itself, "self", "Too many levels of symbolic links"),
+    (_broken_link, "9.JPEG", "broken symbolic link"),
+    (_no_permission, "locked", "Permission denied"),
+])
+def test_an_entry_that_cannot_be_read_is_named_not_skipped_or_walked_forever(tmp_path, monkeypatch,
+                                                                              break_it, name, message):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    owl = os.path.join(root, "train", "owl")
+    break_it(owl, *([monkeypatch] if break_it is _no_permission else []))
+    with pytest.raises(DataError, match=message) as err:
+        imagefolder.scan(root)
+    assert os.path.join(owl, name) in str(err.value)
+
+
+def test_a_single_class_is_refused_at_the_scan(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    for split in ("train", "val"):
+        for name in ("dog", "owl"):
+            for f in os.listdir(os.path.join(root, split, name)):
+                os.remove(os.path.join(root, split, name, f))
+            os.rmdir(os.path.join(root, split, name))
+    with pytest.raises(DataError, match="at least 2 classes") as err:
+        imagefolder.scan(root)
+    assert os.path.join(root, "train") in str(err.value)
+
+
 # -- Decoding and augmentation -------------------------------------------------------------------
 
 @settings(max_examples=200, deadline=None)
