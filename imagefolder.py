@@ -289,8 +289,8 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
     probability 1/2, when rng is given (training); the evaluation centre crop otherwise.
 
     Pillow reads the header (the size, for the crop); then a JPEG whose crop allows it is
-    decoded by Pillow at reduced size (draft); else, with decoder="torchcodec", JPEG and PNG
-    files are decoded by torchcodec and resized by torch (bilinear, antialiased); the rest by
+    decoded by Pillow at reduced size (draft); else, with decoder="torchcodec", JPEG and 8-bit
+    PNG files are decoded by torchcodec and resized by torch (bilinear, antialiased); the rest by
     Pillow. Errors for unreadable files propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
@@ -303,16 +303,25 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
             img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
             sx, sy = img.size[0] / width, img.size[1] / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        elif decoder == "torchcodec" and img.format in ("JPEG", "PNG"):
+        elif decoder == "torchcodec" and img.format in ("JPEG", "PNG") and img.mode[0] != "I":
             try:
                 out = _torchcodec_crop(path, box, size, (height, width))
             except RuntimeError:      # Pillow decides: it decodes the file, or says why it cannot
                 out = None
         if out is None:
-            out = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)))
+            out = torch.from_numpy(np.array(_rgb(img).resize((size, size), Image.BILINEAR, box=box)))
     if rng is not None and rng.random() < 0.5:
         out = out.flip(1)
     return out
+
+
+def _rgb(img):
+    """The Pillow image in 8-bit RGB. 16-bit grey (modes I;16, I;16B, ... and I, as Pillow opens
+    16-bit PNG and TIFF files) is first scaled from 0..65535 to 0..255: converted as it is, it
+    would be clipped at 255, near white."""
+    if img.mode.startswith("I"):
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return img.convert("RGB")
 
 
 def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tensor | None:

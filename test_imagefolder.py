@@ -310,6 +310,22 @@ def test_the_odd_files_of_imagenet_decode_to_rgb_and_a_bomb_is_unreadable(tmp_pa
     assert "DecompressionBombError" in imagefolder.why_unreadable(str(tmp_path / "png.JPEG"))
 
 
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF")])
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, monkeypatch, mode, fmt):
+    grey = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)   # a dark-to-light ramp
+    wide = Image.frombytes(mode, (64, 48), grey.astype(">u2" if mode == "I;16B" else "<u2" if
+                                                       mode == "I;16" else "<i4").tobytes())
+    wide.save(tmp_path / f"wide.{fmt}", format=fmt)
+    Image.fromarray(np.round(grey / 257).astype(np.uint8)).save(tmp_path / "narrow.png")
+    assert Image.open(tmp_path / f"wide.{fmt}").mode == mode
+    narrow = imagefolder.load_image(str(tmp_path / "narrow.png"), 32, None).float()
+    # torchcodec, where it applies, leaves 16-bit files to Pillow
+    monkeypatch.setattr(imagefolder, "_torchcodec_crop", lambda *a: pytest.fail("torchcodec on 16 bits"))
+    for decoder in ("pillow", "torchcodec"):
+        out = imagefolder.load_image(str(tmp_path / f"wide.{fmt}"), 32, None, decoder=decoder).float()
+        assert (out - narrow).abs().max() <= 1                           # clipped: white where it is not
+
+
 def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
     split = imagefolder.scan(folder).train
     ds = imagefolder.FolderDataset(split, 32, train=True, seed=3)
