@@ -37,9 +37,11 @@ image in the batch, so that every rank keeps the same batch shape).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -134,28 +136,73 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
     says: one line per image, "<image>,<class>" or "<image> <class>", the image named with or
     without its extension, only the class's first word read (so ImageNet's LOC_val_solution.csv,
     "ImageId,PredictionString", and "ILSVRC2012_val_00000001.JPEG n01751748" lists both work;
-    lines naming no image here, a header among them, are ignored). Every image needs a label,
-    else nothing moves. Returns how many moved; run again, it moves none."""
+    lines naming no image here, a header among them, are ignored). Nothing moves unless the
+    file is UTF-8 text, labels every image with a class that can be a folder name, and no move
+    would replace a file. Returns how many moved; run again, it moves the rest, or none."""
     split = Path(split)
+    if not split.is_dir():
+        raise DataError(f"{split} is not a folder.")
     loose = sorted(e.name for e in os.scandir(split) if e.is_file() and _is_image(e.name))
-    by_name: dict[str, str] = {}
-    with open(labels, encoding="utf-8") as f:
-        for line in f:
-            fields = line.strip().split("," if "," in line else None, 1)
-            if len(fields) == 2 and fields[1].split():
-                by_name[fields[0].strip()] = fields[1].split()[0]
+    by_name = _read_labels(labels)
     label = {n: by_name.get(n, by_name.get(os.path.splitext(n)[0])) for n in loose}
     unlabelled = [n for n, c in label.items() if c is None]
     if unlabelled:
         raise DataError(f"{labels} has no label for {len(unlabelled)} of the {len(loose)} images in "
                         f"{split} ({_some(unlabelled)}); nothing was moved.")
-    odd = sorted({c for c in label.values() if c in (".", "..") or "/" in c or "\\" in c})
+    odd = _not_folder_names(split, set(label.values()))
     if odd:
-        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; nothing was moved.")
-    for name, cls in label.items():
-        (split / cls).mkdir(exist_ok=True)
-        os.replace(split / name, split / cls / name)
+        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; nothing "
+                        f"was moved.")
+    taken = [os.path.join(c, n) for n, c in label.items() if os.path.lexists(split / c / n)]
+    if taken:
+        raise DataError(f"{split} already holds {_some(taken)}, which moving would replace; "
+                        f"nothing was moved.")
+    for moved, (name, cls) in enumerate(label.items()):
+        try:
+            (split / cls).mkdir(exist_ok=True)
+            os.replace(split / name, split / cls / name)
+        except OSError as e:
+            raise DataError(f"cannot move {split / name} into {split / cls} ({e}); {moved} of the "
+                            f"{len(loose)} images were moved before it. Fix the cause and run the "
+                            f"same command again: it moves the rest.") from e
     return len(loose)
+
+
+def _read_labels(labels) -> dict[str, str]:
+    """{image: class} from the labels file (see sort_flat_split); DataError if it is no UTF-8."""
+    try:
+        with open(labels, "rb") as f:       # a byte order mark (Excel's "CSV UTF-8") is no name
+            lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read the labels file {labels} ({e.strerror}); nothing was moved.") from e
+    by_name = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{labels} is not UTF-8 text (line {number}, byte {e.start + 1}: "
+                            f"{line[e.start:e.end]!r}); save it as UTF-8; nothing was moved.") from None
+        fields = line.strip().split("," if "," in line else None, 1)
+        if len(fields) == 2 and fields[1].split():
+            by_name[fields[0].strip()] = fields[1].split()[0]
+    return by_name
+
+
+def _not_folder_names(split: Path, names: set[str]) -> list[str]:
+    """The names that cannot be folders in `split`, each with the reason, as a message lists them."""
+    try:
+        limit = os.pathconf(split, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):   # no pathconf (Windows), or no such limit
+        limit = 255
+    bad = []
+    for name in sorted(names):
+        size = len(os.fsencode(name))
+        why = ("a NUL byte" if "\0" in name else "a path separator" if "/" in name or "\\" in name
+               else "not a name" if name in (".", "..") else
+               f"{size} bytes, over the {limit} allowed here" if size > limit else None)
+        if why:
+            bad.append(f"{name[:20]!r}{'...' if len(name) > 20 else ''} ({why})")
+    return bad
 
 
 def _class_folders(split: Path) -> list[str]:
@@ -488,17 +535,24 @@ def why_unreadable(path: str) -> str:
     return "it decodes now; was it being written to?"
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """`python imagefolder.py sort DIR/val LABELS`; 2 and "error: ..." for bad data."""
     import argparse
-    import sys
     p = argparse.ArgumentParser(description="Sort a flat folder of images (ImageNet's val/) into "
                                             "class folders by a labels file (see sort_flat_split).")
     p.add_argument("command", choices=["sort"])
     p.add_argument("split", help="the flat folder, e.g. /data/imagenet/val")
     p.add_argument("labels", help="one '<image>,<class>' or '<image> <class>' line per image, "
                                   "e.g. LOC_val_solution.csv")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     try:
-        print(f"moved {sort_flat_split(a.split, a.labels)} images into class folders of {a.split}")
+        moved = sort_flat_split(a.split, a.labels)
     except (DataError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"moved {moved} images into class folders of {a.split}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,6 +4,7 @@ files written by the tests, read by DataLoader workers, end to end through train
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -204,6 +205,96 @@ def test_a_single_class_is_refused_at_the_scan(tmp_path):
     with pytest.raises(DataError, match="at least 2 classes") as err:
         imagefolder.scan(root)
     assert os.path.join(root, "train") in str(err.value)
+
+
+def flatten_val(root):
+    """ImageNet's val/ as it ships (val_<class>_<file>, no class folders); {file: class}."""
+    truth = {}
+    for name in CLASSES:
+        for f in sorted(os.listdir(os.path.join(root, "val", name))):
+            truth[f"val_{name}_{f}"] = name
+            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", f"val_{name}_{f}"))
+        os.rmdir(os.path.join(root, "val", name))
+    return truth
+
+
+def labels_file(truth, renamed=(), encoding="utf-8"):
+    """A header, then "<file>,<class>" per image, with the classes in `renamed` renamed."""
+    renamed = dict(renamed)
+    lines = ["ImageId,PredictionString"] + [f"{f},{renamed.get(c, c)}" for f, c in truth.items()]
+    return "\n".join(lines).encode(encoding)
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda t: labels_file(t, {"dog": "d\xf6g"}, "latin-1"), "is not UTF-8 text (line 4"),
+    (lambda t: bytes(range(256)) * 4, "is not UTF-8 text (line 3, byte 115"),   # after \n, \r
+    (lambda t: labels_file(t, {"dog": "d\0g"}), "a NUL byte"),
+    (lambda t: labels_file(t, {"owl": "o" * 300}), "300 bytes, over the"),
+    (lambda t: labels_file(t, {"cat": ".."}), "not folder names"),
+])
+def test_sort_checks_the_whole_labels_file_before_moving_anything(tmp_path, write, message):
+    root = write_folder(tmp_path / "ds", 2, 2)
+    truth = flatten_val(root)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(write(truth))
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    assert str(labels) in str(err.value) and "nothing was moved" in str(err.value)
+    assert sorted(os.listdir(os.path.join(root, "val"))) == sorted(truth)
+
+
+def test_sort_reads_a_labels_file_with_a_byte_order_mark(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    truth = flatten_val(root)
+    labels = tmp_path / "labels.csv"                  # what Excel's "CSV UTF-8" writes
+    labels.write_text("".join(f"{f},{c}\n" for f, c in truth.items()), encoding="utf-8-sig")
+    assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 3
+
+
+def test_sort_interrupted_midway_says_so_and_a_rerun_moves_the_rest(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "ds", 2, 2)
+    truth = flatten_val(root)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{f} {c}\n" for f, c in truth.items()))
+    replace, calls = os.replace, []
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(DataError, match="2 of the 6 images were moved") as err:
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    assert "Input/output error" in str(err.value) and "run the same command again" in str(err.value)
+    monkeypatch.setattr(os, "replace", replace)
+    assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 4
+    assert len(imagefolder.scan(root).val) == 6
+
+
+def test_sort_never_replaces_an_image_already_in_a_class_folder(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    truth = flatten_val(root)
+    first = next(iter(truth))
+    os.makedirs(os.path.join(root, "val", truth[first]))
+    with open(os.path.join(root, "val", truth[first], first), "wb") as f:
+        f.write(b"another image")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{f} {c}\n" for f, c in truth.items()))
+    with pytest.raises(DataError, match="already"):
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    with open(os.path.join(root, "val", truth[first], first), "rb") as f:
+        assert f.read() == b"another image"
+
+
+def test_sort_command_reports_a_bad_labels_file_as_an_error_not_a_traceback(tmp_path):
+    import subprocess
+    root = write_folder(tmp_path / "ds", 2, 1)
+    flatten_val(root)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"val_cat_0.JPEG caf\xe9\n")
+    cli = subprocess.run([sys.executable, "imagefolder.py", "sort", os.path.join(root, "val"), str(labels)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: ") and "Traceback" not in cli.stderr
 
 
 # -- Decoding and augmentation -------------------------------------------------------------------
