@@ -417,6 +417,20 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, monkeypa
         assert (out - narrow).abs().max() <= 1                           # clipped: white where it is not
 
 
+def test_unreadable_validation_images_come_labelled_minus_1_under_skip_corrupt(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 2)                # train.py's evaluate counts y < 0
+    with open(os.path.join(root, "val", "dog", "1.JPEG"), "wb") as f:
+        f.write(b"not a JPEG")
+    folder = imagefolder.scan(root)
+    bad = folder.val.paths.tolist().index(b"dog/1.JPEG")
+    source = imagefolder.FolderSource(folder, 16, workers=0, device="cpu", skip_corrupt=True)
+    y = torch.cat([y for _, y in source.test_batches(0, 1, 4)])
+    assert y.tolist() == [-1 if i == bad else int(folder.val.labels[i]) for i in range(6)]
+    strict = imagefolder.FolderSource(folder, 16, workers=0, device="cpu")
+    with pytest.raises(DataError, match="cannot read image .*dog/1.JPEG"):
+        list(strict.test_batches(0, 1, 4))
+
+
 def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
     split = imagefolder.scan(folder).train
     ds = imagefolder.FolderDataset(split, 32, train=True, seed=3)
