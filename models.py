@@ -41,6 +41,7 @@ __all__ = [
     "MODELS",
     "SURROGATES",
     "build_model",
+    "min_image_size",
     "spike",
     "ATanSpike",
     "SigmoidSpike",
@@ -628,3 +629,29 @@ def build_model(name: str, num_classes: int, T: int = 4, compile: bool = True, *
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
+
+
+# (kernel, padding) of each stride-2 layer of the image networks, from input to output: the
+# stride-2 block convs (3x3), the VGGs' 2x2 pools, the ResNet-34s' stem conv and max pool
+_HALVINGS = {
+    "resnet19": [(3, 1)] * sum(stride == 2 for *_, stride in RESNET19_STAGES),
+    "vgg11": [(2, 0)] * VGG11.count("M"),
+    "convnet": [(2, 0)] * CONVNET.count("M"),
+    "spiking_resnet34": [(7, 3), (3, 1)] + [(3, 1)] * sum(s == 2 for *_, s in RESNET34_STAGES),
+}
+_HALVINGS["sew_resnet34"] = _HALVINGS["spiking_resnet34"]
+
+
+def min_image_size(name: str) -> int:
+    """The smallest side (pixels) of the square images network `name` takes: the smallest at which
+    each of its stride-2 layers (pools, strided convs) halves a map of at least 2 pixels. One
+    pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run a strided
+    conv on a 1x1 map, its kernel seeing padding but for the centre; a few pixels, and their
+    training diverged to NaN. conv1d takes 1-D signals of the length it was built for, not
+    images: ValueError, as for an unknown name."""
+    if name not in _HALVINGS:
+        raise ValueError(f"{name!r} takes no images; the image networks are {', '.join(_HALVINGS)}.")
+    side = 2                            # what the last stride-2 layer needs, walked back to the input
+    for kernel, padding in reversed(_HALVINGS[name][:-1]):
+        side = max(2, 2 * (side - 1) + kernel - 2 * padding)
+    return side
