@@ -178,6 +178,8 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
     with a class that can be a folder name, and no move would replace a file. Returns how many
     moved; run again, it moves the rest, or none."""
     split = Path(split)
+    if not split.is_dir():
+        raise DataError(f"{split} is not a folder.")
     loose, by_name = _listdir(split)[1], _read_labels(labels)
     label = {n: by_name.get(n, by_name.get(os.path.splitext(n)[0])) for n in loose}
     if unlabelled := [n for n, c in label.items() if c is None]:
