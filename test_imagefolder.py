@@ -36,6 +36,17 @@ def write_folder(root, train_per_class=6, val_per_class=2, seed=0):
     return str(root)
 
 
+def flatten_val(root):
+    """ImageNet's val/ as it ships (val_<class>_<file>, no class folders); {file: class}."""
+    truth = {}
+    for name in CLASSES:
+        for f in sorted(os.listdir(os.path.join(root, "val", name))):
+            truth[f"val_{name}_{f}"] = name
+            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", f"val_{name}_{f}"))
+        os.rmdir(os.path.join(root, "val", name))
+    return truth
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("imagefolder") / "ds")
@@ -72,14 +83,6 @@ def _no_val(root):
     os.rename(os.path.join(root, "val"), os.path.join(root, "validation"))
 
 
-def _flat_val(root):           # ImageNet's val/ as it ships: images, no class folders
-    val = os.path.join(root, "val")
-    for name in CLASSES:
-        for f in os.listdir(os.path.join(val, name)):
-            os.rename(os.path.join(val, name, f), os.path.join(val, f"{name}_{f}"))
-        os.rmdir(os.path.join(val, name))
-
-
 def _empty_class(root):
     os.makedirs(os.path.join(root, "train", "emu"))
     os.makedirs(os.path.join(root, "val", "emu"))
@@ -94,7 +97,7 @@ def _class_missing_from_val(root):
 @pytest.mark.parametrize("break_it, message", [
     (None, "not a folder"),
     (_no_val, "has no val/ folder"),
-    (_flat_val, "outside class folders"),
+    (flatten_val, "outside class folders"),
     (_empty_class, "hold no image"),
     (_class_missing_from_val, "have no folder in"),
 ])
@@ -115,13 +118,7 @@ def test_a_wrong_layout_is_named_before_any_training(tmp_path, capsys, break_it,
 def test_a_flat_val_folder_is_sorted_by_a_labels_file_and_then_scans(tmp_path):
     import subprocess
     root = write_folder(tmp_path / "ds", 2, 2)
-    truth = {}
-    for name in CLASSES:                                   # flatten val/ as ImageNet ships it
-        for f in sorted(os.listdir(os.path.join(root, "val", name))):
-            flat = f"val_{name}_{f}"
-            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", flat))
-            truth[flat] = name
-        os.rmdir(os.path.join(root, "val", name))
+    truth = flatten_val(root)
     with pytest.raises(DataError, match="imagefolder.py sort"):
         imagefolder.scan(root)
     # Kaggle's LOC_val_solution.csv: a header, ids without extension, the class + boxes
@@ -146,8 +143,8 @@ def test_images_anywhere_below_a_class_folder_belong_to_it_as_in_torchvision(tmp
     root = write_folder(tmp_path / "ds", 2, 1)
     owl = os.path.join(root, "train", "owl")
     os.makedirs(os.path.join(owl, "2024", "night"))
-    for rel in ("2024/a.JPEG", "2024/night/b.JPEG"):
-        os.replace(os.path.join(owl, "0.JPEG" if rel.startswith("2024/a") else "1.JPEG"), os.path.join(owl, rel))
+    os.replace(os.path.join(owl, "0.JPEG"), os.path.join(owl, "2024", "a.JPEG"))
+    os.replace(os.path.join(owl, "1.JPEG"), os.path.join(owl, "2024", "night", "b.JPEG"))
     os.symlink(os.path.join(root, "val", "owl"), os.path.join(owl, "linked"))    # followed
     os.makedirs(os.path.join(owl, ".cache"))                                     # hidden: skipped
     Image.new("RGB", (8, 8)).save(os.path.join(owl, ".cache", "thumb.JPEG"))
@@ -155,18 +152,6 @@ def test_images_anywhere_below_a_class_folder_belong_to_it_as_in_torchvision(tmp
     owls = [p.decode() for p, y in zip(f.train.paths, f.train.labels) if f.classes[y] == "owl"]
     assert owls == ["owl/2024/a.JPEG", "owl/2024/night/b.JPEG", "owl/linked/0.JPEG"]
     assert len(f.train) == 2 + 2 + 3
-
-
-def _loop_to_parent(owl):
-    os.symlink("..", os.path.join(owl, "up"))
-
-
-def _loop_to_itself(owl):
-    os.symlink("self", os.path.join(owl, "self"))
-
-
-def _broken_link(owl):
-    os.symlink("/nowhere/9.JPEG", os.path.join(owl, "9.JPEG"))
 
 
 def _no_permission(owl, monkeypatch):
@@ -180,16 +165,16 @@ def _no_permission(owl, monkeypatch):
 
 
 @pytest.mark.parametrize("break_it, name, message", [
-    (_loop_to_parent, "up", "symbolic link loop"),
-    (_loop_to_itself, "self", "Too many levels of symbolic links"),
-    (_broken_link, "9.JPEG", "broken symbolic link"),
+    (lambda owl, _: os.symlink("..", os.path.join(owl, "up")), "up", "symbolic link loop"),
+    (lambda owl, _: os.symlink("self", os.path.join(owl, "self")), "self", "Too many levels of symbolic"),
+    (lambda owl, _: os.symlink("/nowhere/9.JPEG", os.path.join(owl, "9.JPEG")), "9.JPEG", "broken symbolic"),
     (_no_permission, "locked", "Permission denied"),
 ])
 def test_an_entry_that_cannot_be_read_is_named_not_skipped_or_walked_forever(tmp_path, monkeypatch,
                                                                               break_it, name, message):
     root = write_folder(tmp_path / "ds", 2, 1)
     owl = os.path.join(root, "train", "owl")
-    break_it(owl, *([monkeypatch] if break_it is _no_permission else []))
+    break_it(owl, monkeypatch)
     with pytest.raises(DataError, match=message) as err:
         imagefolder.scan(root)
     assert os.path.join(owl, name) in str(err.value)
@@ -205,17 +190,6 @@ def test_a_single_class_is_refused_at_the_scan(tmp_path):
     with pytest.raises(DataError, match="at least 2 classes") as err:
         imagefolder.scan(root)
     assert os.path.join(root, "train") in str(err.value)
-
-
-def flatten_val(root):
-    """ImageNet's val/ as it ships (val_<class>_<file>, no class folders); {file: class}."""
-    truth = {}
-    for name in CLASSES:
-        for f in sorted(os.listdir(os.path.join(root, "val", name))):
-            truth[f"val_{name}_{f}"] = name
-            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", f"val_{name}_{f}"))
-        os.rmdir(os.path.join(root, "val", name))
-    return truth
 
 
 def labels_file(truth, renamed=(), encoding="utf-8"):
