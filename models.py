@@ -397,7 +397,7 @@ class SpikingResNet(_ImageNetResNet):
     et al., AAAI 2021) and TET (Deng et al., ICLR 2022) report as ResNet-34 on ImageNet, in the
     layout of SEW ResNet's Spiking ResNet baseline and SpikingJelly's spiking_resnet34.
     BasicBlocks: every block outputs binary spikes, and `classifier` reads their spatial mean,
-    in [0, 1] (binary when the last map is 1x1, i.e. 32x32 inputs).
+    in [0, 1] (binary when the last map is 1x1, as at 32x32).
     """
 
     block = BasicBlock
@@ -522,12 +522,14 @@ def min_image_size(name: str) -> int:
     """The smallest side (pixels) of the square images network `name` takes: the smallest at which
     each of its stride-2 layers (pools, strided convs) halves a map of at least 2 pixels. One
     pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run a strided
-    conv on a 1x1 map, its kernel seeing padding but for the centre; a few pixels, and their
-    training diverged to NaN. conv1d takes 1-D signals of the length it was built for, not
-    images: ValueError, as for an unknown name."""
+    conv on a 1x1 map, where its kernel sees padding but for the centre; far below, their
+    training was seen to diverge to NaN. conv1d takes 1-D signals of the length it was built
+    for, not images: ValueError, as for an unknown name."""
     if name not in _HALVINGS:
         raise ValueError(f"{name!r} takes no images; the image networks are {', '.join(_HALVINGS)}.")
-    side = 2                            # what the last stride-2 layer needs, walked back to the input
+    # From n pixels a stride-2 layer makes (n + 2 padding - kernel) // 2 + 1, so m pixels out need
+    # n >= 2 (m - 1) + kernel - 2 padding in: walk back from the 2 the last such layer needs.
+    side = 2
     for kernel, padding in reversed(_HALVINGS[name][:-1]):
         side = max(2, 2 * (side - 1) + kernel - 2 * padding)
     return side
