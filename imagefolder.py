@@ -1,45 +1,30 @@
 """ImageNet, and any data set in its folder-of-classes layout, streamed from disk.
 
-    DIR/train/<class>/<image>      DIR/val/<class>/<image>       (class names: any folder names)
+    DIR/train/<class>/**/<image>    DIR/val/<class>/**/<image>    (class names: any folder names)
 
     folder = scan("path/to/imagenet")        # the layout is checked before anything trains
     source = FolderSource(folder, size=224, workers=8, device="cuda", seed=0)
     for idx, x, y, keep in source.train_batches(epoch, order.split(256)):   # order: list(sampler)
         ...                                   # x: float [B, 3, 224, 224] normalised on the device
 
-The in-memory path of data.py is the fast one for sets that fit on the device (CIFAR); this
-one is for sets that do not. Images are decoded in DataLoader worker processes, by torchcodec
-where it is installed (1.3-1.45x faster on ImageNet-sized JPEGs) or by Pillow (`pip install
-pillow`; Pillow-SIMD is a faster drop-in), and cross to the device as uint8; normalisation
-happens there. The sampler, SADP's or a baseline's, draws each epoch in the main process; the
-loader only reads the minibatches it is given, so the draw, its weights and its distribution
-over ranks are exactly those of the in-memory path.
-
-Augmentation (training): random-resized crop (area 8-100% of the image, aspect ratio 3/4-4/3,
-the Inception recipe that ImageNet training uses) and a horizontal flip. Evaluation: the
-shorter side resized to size / 0.875 (256 for 224) and the centre size x size crop.
-
-Two choices worth knowing:
-- Every random number of an image's augmentation comes from (seed, epoch, rank, position in
-  the epoch), not from a worker's random state. So the crops are the same whatever the number
-  of workers, and a run resumed at an epoch boundary sees exactly the images an uninterrupted
-  one would: the loader has no state to checkpoint beyond the sampler's.
-- JPEG files are decoded at reduced size where the crop allows: Pillow's `draft` has the
-  decoder scale by 1/2, 1/4 or 1/8 in the DCT domain, and we ask for the largest reduction
-  that leaves the crop at least `size` pixels on each side. At 224 px that is rare for
-  ImageNet-sized photos (no gain measured) and common for large ones (1.8-2x faster; bench.py
-  --only datapath).
-
-A file that cannot be decoded stops the run with an error naming it (FolderSource raises
-data.DataError), or, with skip_corrupt=True, is counted and trained on with weight 0 (a black
-image in the batch, so that every rank keeps the same batch shape).
+DataLoader workers decode the images (torchcodec where it is installed, else Pillow; a JPEG at
+reduced size where the crop allows: docs/imagenet.md) and send them as uint8 to the device,
+which normalises them. The sampler draws in the main process and the loader reads the
+minibatches it is given, so the draw, its weights and its split over ranks are those of
+data.py's in-memory path. Every random number of a training crop (random-resized, the Inception
+recipe, and flipped) comes from (seed, epoch, rank, position in the epoch): the crops do not
+depend on the number of workers, and a resumed run sees what an uninterrupted one would. An
+unreadable file stops the run naming it (data.DataError), or, with skip_corrupt, is trained on
+at weight 0 as a black image (so that every rank keeps its batch shape).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -101,81 +86,42 @@ class Folder(NamedTuple):
         return h.digest()
 
 
-LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image>, the same class "
-          "folders in both (ImageNet's layout; its validation images ship in one flat folder: "
-          "`python imagefolder.py sort DIR/val LABELS` moves them into class folders, LABELS "
-          "being e.g. LOC_val_solution.csv)")
+LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image> with the same class "
+          "folders (ImageNet's layout; `python imagefolder.py sort DIR/val LABELS` sorts its flat "
+          "val/ folder into class folders, LABELS being e.g. LOC_val_solution.csv)")
 
 
 def scan(root: str | os.PathLike) -> Folder:
     """Lists DIR/train and DIR/val and checks the layout; DataError with the fix if it is wrong:
-    no such folder, no train/ or val/, images lying outside class folders, an empty class
-    folder, a class in one split but not the other."""
+    no such folder, no train/ or val/, images lying outside class folders, fewer than 2 classes,
+    an empty class folder, a class in one split but not the other, an entry that cannot be read.
+    As in torchvision's ImageFolder, every image anywhere below a class folder is of its class."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data-dir {root} is not a folder; {LAYOUT}.")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"{root} has no {' or '.join(s + '/' for s in missing)} folder; {LAYOUT}.")
-    classes = _class_folders(root / "train")
-    val_classes = _class_folders(root / "val")
-    for split, mine, other in (("val", classes, val_classes), ("train", val_classes, classes)):
-        lacking = sorted(set(mine) - set(other))
-        if lacking:
+    (classes, loose), (val_classes, val_loose) = _listdir(root / "train"), _listdir(root / "val")
+    for split, mine, other, images in (("train", classes, val_classes, loose),
+                                       ("val", val_classes, classes, val_loose)):
+        if images:
+            raise DataError(f"{root / split} holds {len(images)} image(s) outside class folders "
+                            f"(e.g. {images[0]}); {LAYOUT}.")
+        if len(mine) < 2:
+            raise DataError(f"{root / split} holds {len(mine)} class folder(s) ({_some(mine)}); a "
+                            f"classifier needs at least 2 classes; {LAYOUT}.")
+        if lacking := sorted(set(other) - set(mine)):
             raise DataError(f"{len(lacking)} class(es) have no folder in {root / split}: "
                             f"{_some(lacking)}; {LAYOUT}.")
-    return Folder(str(root), tuple(classes), _list_split(root / "train", classes),
-                  _list_split(root / "val", classes))
-
-
-def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
-    """Moves the images lying directly in `split` into split/<class>/ folders, as a labels file
-    says: one line per image, "<image>,<class>" or "<image> <class>", the image named with or
-    without its extension, only the class's first word read (so ImageNet's LOC_val_solution.csv,
-    "ImageId,PredictionString", and "ILSVRC2012_val_00000001.JPEG n01751748" lists both work;
-    lines naming no image here, a header among them, are ignored). Every image needs a label,
-    else nothing moves. Returns how many moved; run again, it moves none."""
-    split = Path(split)
-    loose = sorted(e.name for e in os.scandir(split) if e.is_file() and _is_image(e.name))
-    by_name: dict[str, str] = {}
-    with open(labels, encoding="utf-8") as f:
-        for line in f:
-            fields = line.strip().split("," if "," in line else None, 1)
-            if len(fields) == 2 and fields[1].split():
-                by_name[fields[0].strip()] = fields[1].split()[0]
-    label = {n: by_name.get(n, by_name.get(os.path.splitext(n)[0])) for n in loose}
-    unlabelled = [n for n, c in label.items() if c is None]
-    if unlabelled:
-        raise DataError(f"{labels} has no label for {len(unlabelled)} of the {len(loose)} images in "
-                        f"{split} ({_some(unlabelled)}); nothing was moved.")
-    odd = sorted({c for c in label.values() if c in (".", "..") or "/" in c or "\\" in c})
-    if odd:
-        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; nothing was moved.")
-    for name, cls in label.items():
-        (split / cls).mkdir(exist_ok=True)
-        os.replace(split / name, split / cls / name)
-    return len(loose)
-
-
-def _class_folders(split: Path) -> list[str]:
-    entries = [e for e in os.scandir(split) if not e.name.startswith(".")]
-    folders = sorted(e.name for e in entries if e.is_dir())
-    loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
-    if loose:
-        raise DataError(f"{split} holds {len(loose)} image(s) outside class folders (e.g. "
-                        f"{loose[0]}); {LAYOUT}.")
-    if not folders:
-        raise DataError(f"{split} has no class folders; {LAYOUT}.")
-    return folders
+    return Folder(str(root), tuple(classes), *(_list_split(root / s, classes) for s in ("train", "val")))
 
 
 def _list_split(split: Path, classes: list[str]) -> Split:
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(split / name)
-                       if e.is_file() and not e.name.startswith(".") and _is_image(e.name))
-        if not files:
-            empty.append(name)
+        files = sorted(_images_below(split / name, {os.path.realpath(split): split}))
+        empty += [] if files else [name]
         paths += [os.fsencode(os.path.join(name, f)) for f in files]
         labels += [label] * len(files)
     if empty:
@@ -185,12 +131,108 @@ def _list_split(split: Path, classes: list[str]) -> Split:
     return Split(str(split), np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.long))
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+def _images_below(folder: Path, above: dict) -> Iterator[str]:
+    """The images anywhere below `folder`, as paths relative to it, symbolic links to folders
+    followed (torchvision's os.walk(followlinks=True)); a link back into a folder above, which
+    os.walk follows until the path is too long, is refused. above: real path -> folder."""
+    if (here := os.path.realpath(folder)) in above:
+        raise DataError(f"{folder} is {above[here]} again (a symbolic link loop); remove the link.")
+    folders, images = _listdir(folder)
+    yield from images
+    for sub in folders:
+        yield from (os.path.join(sub, f) for f in _images_below(folder / sub, {**above, here: folder}))
+
+
+def _listdir(folder: Path) -> tuple[list[str], list[str]]:
+    """The sub-folders and image files in `folder`, sorted, symbolic links followed, hidden ones
+    (.name) left out. DataError for an entry that cannot be read (no permission, a link that
+    loops), and for a broken link: it may have led to images, which would go missing unseen."""
+    folders, images = [], []
+    try:
+        with os.scandir(folder) as entries:
+            for e in (e for e in entries if not e.name.startswith(".")):
+                if e.is_dir():
+                    folders.append(e.name)
+                elif e.is_file():
+                    images += [e.name] if e.name.lower().endswith(IMAGE_EXTENSIONS) else []
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    raise DataError(f"{e.path} is a broken symbolic link (to {os.readlink(e.path)}); "
+                                    f"restore what it points to, or remove it.")
+    except OSError as e:
+        raise DataError(f"cannot read {e.filename or folder} ({e.strerror}); repair it, or "
+                        f"remove it from the data set.") from e
+    return sorted(folders), sorted(images)
 
 
 def _some(names: list[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+# -- Sorting ImageNet's flat val/ into class folders ---------------------------------------------
+
+def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
+    """Moves the images lying directly in `split` into split/<class>/ folders as the labels file
+    says: "<image>,<class>" or "<image> <class>" lines, the image with or without its extension,
+    the class's first word read (so ImageNet's LOC_val_solution.csv works); other lines, a header
+    among them, are ignored. Nothing moves unless the file is UTF-8 text that labels every image
+    with a class that can be a folder name, and no move would replace a file. Returns how many
+    moved; run again, it moves the rest, or none."""
+    split = Path(split)
+    if not split.is_dir():
+        raise DataError(f"{split} is not a folder.")
+    loose, by_name = _listdir(split)[1], _read_labels(labels)
+    label = {n: by_name.get(n, by_name.get(os.path.splitext(n)[0])) for n in loose}
+    if unlabelled := [n for n, c in label.items() if c is None]:
+        raise DataError(f"{labels} has no label for {len(unlabelled)} of the {len(loose)} images "
+                        f"in {split} ({_some(unlabelled)}); nothing was moved.")
+    if odd := _not_folder_names(split, set(label.values())):
+        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; "
+                        f"nothing was moved.")
+    if taken := [os.path.join(c, n) for n, c in label.items() if os.path.lexists(split / c / n)]:
+        raise DataError(f"{split} already holds {_some(taken)}, which moving would replace; "
+                        f"nothing was moved.")
+    for moved, (name, cls) in enumerate(label.items()):
+        try:
+            (split / cls).mkdir(exist_ok=True)
+            os.replace(split / name, split / cls / name)
+        except OSError as e:
+            raise DataError(f"cannot move {split / name} into {split / cls} ({e}); {moved} of the "
+                            f"{len(loose)} images were moved before it. Fix the cause and run the "
+                            f"same command again: it moves the rest.") from e
+    return len(loose)
+
+
+def _read_labels(labels) -> dict[str, str]:
+    """{image: class} from the labels file (see sort_flat_split); DataError if it is no UTF-8."""
+    with open(labels, "rb") as f:           # a byte order mark (Excel's "CSV UTF-8") is no name
+        lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
+    by_name = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{labels} is not UTF-8 text (line {number}, byte {e.start + 1}: "
+                            f"{line[e.start:e.end]!r}); save it as UTF-8; nothing was moved.") from None
+        fields = line.strip().split("," if "," in line else None, 1)
+        if len(fields) == 2 and fields[1].split():
+            by_name[fields[0].strip()] = fields[1].split()[0]
+    return by_name
+
+
+def _not_folder_names(split: Path, names: set[str]) -> list[str]:
+    """Those of `names` that cannot be folders in `split`, each with the reason."""
+    try:
+        limit = os.pathconf(split, "PC_NAME_MAX")   # -1: no limit
+    except (AttributeError, OSError, ValueError):   # no pathconf (Windows), or not known here
+        limit = 255
+    bad = []
+    for name in sorted(names):
+        size = len(os.fsencode(name))
+        why = ("a NUL byte" if "\0" in name else "a path separator" if "/" in name or "\\" in name
+               else "not a name" if name in (".", "..") else
+               f"{size} bytes, over the {limit} allowed here" if 0 <= limit < size else None)
+        bad += [f"{name[:20]!r}{'...' if len(name) > 20 else ''} ({why})"] if why else []
+    return bad
 
 
 # -- Decoding and augmentation (run in the worker processes) ------------------------------------
@@ -200,10 +242,9 @@ def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE
     """A random-resized crop's (left, top, right, bottom) in a width x height image: area a share
     U(scale) of the image's, aspect ratio log-uniform in `ratio`, placed uniformly. Ten tries;
     then the largest centred crop with its aspect ratio clipped to `ratio`."""
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         area = width * height * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
@@ -215,9 +256,8 @@ def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE
 
 
 def centre_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """The centre size x size crop of the image resized so that its shorter side is
-    size / EVAL_CROP, as a box in the original image's pixels (whole pixels, so that every
-    decoder crops the same ones)."""
+    """The centre size x size crop of the image resized to a shorter side of size / EVAL_CROP, as
+    a box in the original's whole pixels (so that every decoder crops the same ones)."""
     side = max(1, round(min(width, height) * EVAL_CROP))
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
@@ -227,32 +267,29 @@ DECODERS = ("auto", "pillow", "torchcodec")
 
 
 def resolve_decoder(decoder: str = "auto") -> str:
-    """"auto": torchcodec where it is installed (1.3-1.45x faster than Pillow on ImageNet-sized
-    JPEGs, bench.py --only datapath), else Pillow. DataError if torchcodec is asked for but missing."""
+    """"auto": torchcodec where it loads (the faster, see docs/imagenet.md), else Pillow.
+    DataError if torchcodec is asked for but does not load."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
-    if decoder == "pillow":
-        return decoder
     try:
-        from torchcodec.decoders import decode_image  # noqa: F401
+        if decoder != "pillow":
+            from torchcodec.decoders import decode_image  # noqa: F401
+            return "torchcodec"
     except Exception as e:        # ImportError, or its native libraries failing to load
         if decoder == "torchcodec":
             raise DataError(f"--decoder torchcodec: torchcodec does not load ({type(e).__name__}: "
                             f"{e}); pip install torchcodec (the release matching your torch), or "
                             f"use --decoder pillow") from e
-        return "pillow"
-    return "torchcodec"
+    return "pillow"
 
 
 def load_image(path: str, size: int, rng: np.random.Generator | None, draft: bool = True,
                decoder: str = "pillow") -> Tensor:
     """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
-    probability 1/2, when rng is given (training); the evaluation centre crop otherwise.
-
-    Pillow reads the header (the size, for the crop); then a JPEG whose crop allows it is
-    decoded by Pillow at reduced size (draft); else, with decoder="torchcodec", JPEG and PNG
-    files are decoded by torchcodec and resized by torch (bilinear, antialiased); the rest by
-    Pillow. Errors for unreadable files propagate (see `unreadable`)."""
+    probability 1/2, when rng is given (training); the evaluation centre crop otherwise. Pillow
+    reads the header (the size, for the crop), then decodes a JPEG whose crop allows it at reduced
+    size (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
+    them (bilinear, antialiased); the rest is Pillow's. Errors propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
         width, height = img.size
@@ -264,23 +301,31 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
             img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
             sx, sy = img.size[0] / width, img.size[1] / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        elif decoder == "torchcodec" and img.format in ("JPEG", "PNG"):
-            try:
-                out = _torchcodec_crop(path, box, size, (height, width))
-            except RuntimeError:      # Pillow decides: it decodes the file, or says why it cannot
-                out = None
+        elif decoder == "torchcodec" and img.format in ("JPEG", "PNG") and img.mode[0] != "I":
+            out = _torchcodec_crop(path, box, size, (height, width))
         if out is None:
-            out = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)))
-    if rng is not None and rng.random() < 0.5:
-        out = out.flip(1)
-    return out
+            out = torch.from_numpy(np.array(_rgb(img).resize((size, size), Image.BILINEAR, box=box)))
+    return out.flip(1) if rng is not None and rng.random() < 0.5 else out
+
+
+def _rgb(img):
+    """The Pillow image in 8-bit RGB. 16-bit grey (modes I;16, I;16B, ... and I, as Pillow opens
+    16-bit PNG and TIFF files) is scaled from 0..65535 to 0..255 first: converted as it is, it
+    would be clipped at 255, near white."""
+    if img.mode.startswith("I"):
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return img.convert("RGB")
 
 
 def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tensor | None:
     """torchcodec's decode, the box cropped and resized to size x size: uint8 [size, size, 3];
-    None if the decoded image is not the shape Pillow's header gave (e.g. rotated by EXIF)."""
+    None if torchcodec fails (Pillow then decodes the file, or says why it cannot) or decodes
+    another shape than Pillow's header gave (e.g. rotated by EXIF)."""
     from torchcodec.decoders import decode_image
-    x = decode_image(path, mode="RGB")                          # [3, H, W] uint8
+    try:
+        x = decode_image(path, mode="RGB")                      # [3, H, W] uint8
+    except RuntimeError:
+        return None
     if tuple(x.shape[1:]) != shape:
         return None
     left, top, right, bottom = (int(round(v)) for v in box)
@@ -295,38 +340,44 @@ def unreadable() -> tuple[type[Exception], ...]:
     return (OSError, SyntaxError, ValueError, EOFError, require_pillow().DecompressionBombError)
 
 
+def why_unreadable(path: str) -> str:
+    """Pillow's complaint about a file the workers could not decode (read again here)."""
+    try:
+        with require_pillow().open(path) as img:
+            img.convert("RGB")
+    except unreadable() as e:
+        return f"{type(e).__name__}: {e}"
+    return "it decodes now; was it being written to?"
+
+
 class FolderDataset(torch.utils.data.Dataset):
-    """A split as a map-style data set. Training keys are (epoch, rank, position, index) (the
-    augmentation's seed comes from the key, see the module docstring); evaluation keys are
-    indices. An item is (uint8 image [size, size, 3], label, index, ok); ok is False, and the
-    image black, if the file could not be decoded (the main process decides what that means)."""
+    """A split as a map-style data set. Training keys are (epoch, rank, position, index), whence
+    the augmentation's seed; evaluation keys are indices. An item is (uint8 image [size, size,
+    3], label, index, ok); ok is False, and the image black, if the file could not be decoded."""
 
     def __init__(self, split: Split, size: int, train: bool, seed: int = 0, draft: bool = True,
                  augment: bool = True, decoder: str = "pillow"):
         self.split, self.size, self.train, self.seed = split, size, train, seed
         self.draft, self.augment, self.decoder = draft, augment, decoder
-        self.unreadable = unreadable()
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key):
-        if self.train:
-            epoch, rank, position, index = key
-            rng = np.random.default_rng((self.seed, epoch, rank, position)) if self.augment else None
-        else:
-            index, rng = key, None
+        epoch, rank, position, index = key if self.train else (None, None, None, key)
+        augment = self.train and self.augment
+        rng = np.random.default_rng((self.seed, epoch, rank, position)) if augment else None
         label = int(self.split.labels[index])
         try:
             image = load_image(self.split.path(index), self.size, rng, self.draft, self.decoder)
             return image, label, index, True
-        except self.unreadable:
+        except unreadable():             # called only when something was raised
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
 
 
 class Batches:
-    """A DataLoader's batch_sampler whose minibatches the main process sets before each pass,
-    so that persistent workers serve a new draw every epoch."""
+    """A DataLoader's batch_sampler whose minibatches (keys) the main process sets before each
+    pass, so that persistent workers serve a new draw every epoch."""
 
     def __init__(self):
         self.keys: list[list] = []
@@ -355,45 +406,41 @@ class FolderSource:
                  decoder: str = "auto"):
         require_pillow()
         self.decoder = resolve_decoder(decoder)
-        self.folder, self.device, self.rank, self.skip_corrupt = folder, torch.device(device), rank, skip_corrupt
+        self.folder, self.device, self.rank = folder, torch.device(device), rank
+        self.skip_corrupt = skip_corrupt
         self.num_train, self.num_test = len(folder.train), len(folder.val)
         self.num_classes = len(folder.classes)
         self.digest = folder.digest()     # computed once: checked across ranks and on --resume
         self.norm = Normalizer(IMAGENET_STATS, self.device)
-        self.skipped = 0                  # unreadable images met so far (with skip_corrupt)
+        self.skipped = 0                  # unreadable images met so far, training and validation
         self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch
         pin = self.device.type == "cuda"
         self._train_batches, self._test_batches = Batches(), Batches()
-        self._train = make_loader(FolderDataset(folder.train, size, True, seed, draft, augment, self.decoder),
-                                  self._train_batches, workers, pin)
-        self._test = make_loader(FolderDataset(folder.val, size, False, seed, draft, decoder=self.decoder),
-                                 self._test_batches, workers, pin)
-        for loader in (self._train, self._test):    # fork the workers now, before torch.compile
-            for _ in loader:                        # starts its threads and subprocesses
-                pass
+        train = FolderDataset(folder.train, size, True, seed, draft, augment, self.decoder)
+        self._train = make_loader(train, self._train_batches, workers, pin)
+        val = FolderDataset(folder.val, size, False, seed, draft, decoder=self.decoder)
+        self._test = make_loader(val, self._test_batches, workers, pin)
+        for loader in (self._train, self._test):    # no batches yet: this forks the workers now,
+            list(loader)                            # before torch.compile starts its threads
 
     def train_batches(self, epoch: int, batches: list[Tensor]) -> Iterator[tuple]:
-        """(idx, x, y, keep) per minibatch of indices: keep is None, or a 0/1 float tensor on the
-        device marking the images that were read (with skip_corrupt). The host's time blocked
-        on the loader adds to wait_seconds: near 0 while the workers keep ahead of training
-        (on a GPU the host runs ahead of the device, so this is time the device went unfed)."""
-        position = 0
-        self._train_batches.keys = []
-        for idx in batches:
-            keys = [(epoch, self.rank, position + j, i) for j, i in enumerate(idx.tolist())]
-            self._train_batches.keys.append(keys)
-            position += len(idx)
+        """(idx, x, y, keep) per minibatch of indices: keep is None, or (with skip_corrupt) a 0/1
+        float tensor on the device marking the images that were read. The time the host waits for
+        the loader adds to wait_seconds (on a GPU: time the device went unfed)."""
+        starts = np.cumsum([0] + [len(idx) for idx in batches]).tolist()
+        self._train_batches.keys = [[(epoch, self.rank, start + j, i)
+                                     for j, i in enumerate(idx.tolist())]
+                                    for start, idx in zip(starts, batches)]
         t0 = time.perf_counter()
         loader = iter(self._train)               # hands the running workers the new minibatches
-        self.wait_seconds += time.perf_counter() - t0
         for idx in batches:
-            t0 = time.perf_counter()
             images, labels, index, ok = next(loader)
             self.wait_seconds += time.perf_counter() - t0
             if not torch.equal(index, idx):
                 raise RuntimeError("the loader returned another minibatch than it was given")
             keep = self._keep(self.folder.train, index, ok)
             yield idx, self._to_device(images), labels.to(self.device, non_blocking=True), keep
+            t0 = time.perf_counter()
 
     def test_batches(self, rank: int, world_size: int, batch_size: int) -> Iterator[tuple]:
         """(x, y) for this rank's share of the validation set; y is -1 for skipped images."""
@@ -429,28 +476,23 @@ class FolderSource:
         self._train = self._test = None
 
 
-def why_unreadable(path: str) -> str:
-    """Pillow's complaint about a file the workers could not decode (read again here)."""
-    Image = require_pillow()
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB")
-    except unreadable() as e:
-        return f"{type(e).__name__}: {e}"
-    return "it decodes now; was it being written to?"
-
-
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """`python imagefolder.py sort DIR/val LABELS`; exit status 2 and "error: ..." for bad data."""
     import argparse
-    import sys
-    p = argparse.ArgumentParser(description="Sort a flat folder of images (ImageNet's val/) into "
-                                            "class folders by a labels file (see sort_flat_split).")
+    p = argparse.ArgumentParser(description="Sorts a flat folder of images (ImageNet's val/) into "
+                                "class folders by a labels file: see sort_flat_split.")
     p.add_argument("command", choices=["sort"])
     p.add_argument("split", help="the flat folder, e.g. /data/imagenet/val")
-    p.add_argument("labels", help="one '<image>,<class>' or '<image> <class>' line per image, "
+    p.add_argument("labels", help="'<image>,<class>' or '<image> <class>' lines, "
                                   "e.g. LOC_val_solution.csv")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     try:
         print(f"moved {sort_flat_split(a.split, a.labels)} images into class folders of {a.split}")
     except (DataError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,32 +1,29 @@
 """Spiking neural networks for image classification, in one file.
 
 A leaky integrate-and-fire (LIF) neuron with surrogate gradients, and the networks built from
-it: the spiking ResNet-19 used for CIFAR in the SNN literature, the two ImageNet-standard
-ResNet-34s (the plain spiking ResNet-34 of tdBN/TET, "spiking_resnet34", and SEW-ResNet-34 of
-Fang et al. 2021, "sew_resnet34", 21.8M parameters each), a spiking VGG, whose small
-configuration "convnet" serves tests and smoke runs on a CPU, and a 1-D ConvNet for MNIST-1D.
+it: the spiking ResNet-19 used for CIFAR in the SNN literature, the two ImageNet ResNet-34s
+(the plain spiking ResNet-34 of tdBN/TET, "spiking_resnet34", and SEW-ResNet-34 of Fang et al.
+2021, "sew_resnet34"), a spiking VGG, whose small configuration "convnet" serves tests and
+smoke runs on a CPU, and a 1-D ConvNet for MNIST-1D.
 
-Layout is time-first, as in SpikingJelly's multi-step mode: activations are [T, B, ...] with
-T timesteps and B examples. Only the neuron loops over T. Stateless layers (conv, BN, pooling)
-run once on the merged [T*B, ...] tensor: one large batched call instead of T small ones.
-The networks use direct (analog) input encoding: the image passes the first conv + BN once
-and the result is fed to the first LIF at every step.
+Activations are time-first, [T, B, ...], as in SpikingJelly's multi-step mode. Only the neuron
+loops over T; stateless layers (conv, BN, pooling) run once on the merged [T*B, ...] tensor.
+Input encoding is direct: the image passes the first conv + BN once, and the result feeds the
+first LIF at every step.
 
-Every network returns per-timestep logits [T, B, num_classes] (not averaged over time, so that
-per-timestep losses such as TET can be used) and exposes its last layer as `model.classifier`,
-an nn.Linear applied to [T, B, D]; what enters it is non-negative (binary spikes, the spatial
-mean of binary spikes, or for SEW-ResNet the spatial mean of sums of spikes, which can exceed
-1), which is what spike-aware data pruning reads with a forward hook on it.
+Every network returns per-timestep logits [T, B, num_classes] (so that per-timestep losses such
+as TET's can be used) and exposes its last layer as `model.classifier`, an nn.Linear applied to
+[T, B, D]. What enters it is non-negative (binary spikes, their spatial mean, or for SEW-ResNet
+the spatial mean of sums of spikes), which spike-aware data pruning reads with a forward hook.
 
     model = build_model("resnet19", num_classes=10, T=4)     # compiles on the first forward
     logits = model(images)                                   # [4, B, 10]
     loss = F.cross_entropy(logits.mean(0), labels)
     rate = model.spike_rate()                                # 0-dim tensor, no host sync
 
-The LIF timestep loop is one plain function, `lif_steps`, compiled lazily with torch.compile
-(one compiled callable shared by every LIF layer, so that on a GPU the T steps of a layer fuse
-into a few elementwise kernels). Pass compile=False, or call set_compile(model, False), to run
-it eagerly. Nothing is compiled at import or construction time.
+The LIF timestep loop, `lif_steps`, is compiled lazily with torch.compile, one compiled callable
+shared by every LIF layer (on a GPU a layer's T steps fuse into a few elementwise kernels).
+compile=False, or set_compile(model, False), runs it eagerly.
 """
 
 from __future__ import annotations
@@ -37,44 +34,23 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "MODELS",
-    "SURROGATES",
-    "build_model",
-    "spike",
-    "ATanSpike",
-    "SigmoidSpike",
-    "lif_steps",
-    "LIF",
-    "MultiStep",
-    "SpikingResNet19",
-    "SpikingResNet",
-    "SEWResNet",
-    "BasicBlock",
-    "SEWBlock",
-    "SpikingVGG",
-    "SpikingConv1d",
-    "set_compile",
-]
+__all__ = ["MODELS", "SURROGATES", "build_model", "min_image_size", "spike", "ATanSpike",
+           "SigmoidSpike", "lif_steps", "LIF", "MultiStep", "SpikingResNet19", "SpikingResNet",
+           "SEWResNet", "BasicBlock", "SEWBlock", "SpikingVGG", "SpikingConv1d", "set_compile"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Spikes with surrogate gradients
-# ---------------------------------------------------------------------------------------------
+# -- Spikes with surrogate gradients ----------------------------------------------------------
 #
-# The forward pass is the Heaviside step H(x) = 1[x >= 0] (SpikingJelly's convention: a neuron
-# exactly at threshold fires). Its derivative is zero almost everywhere, so the backward pass
-# uses the derivative of a smooth primitive g_alpha(x) instead. Each autograd.Function below is
-# written for alpha = 1 and receives u = alpha * x; autograd's chain rule through that product
-# supplies the factor alpha: d/dx g_1(alpha x) = alpha g_1'(alpha x) = g_alpha'(x).
+# Forward: the Heaviside step H(x) = 1[x >= 0] (SpikingJelly's convention: a neuron exactly at
+# threshold fires). Backward: the derivative of a smooth primitive g_alpha instead. Each
+# Function below is written for alpha = 1 and receives u = alpha * x; autograd's chain rule
+# through that product supplies the factor alpha: d/dx g_1(alpha x) = g_alpha'(x).
 #
-# Why an autograd.Function and not the "detach trick" H(x) + (g(x) - g(x).detach()): on torch
-# 2.13 both trace into a single graph with no graph break, but the detach trick computes the
-# surrogate in the forward pass too, and when this was written the compiled loop with it ran
-# about as slow as the eager loop on a CPU, while the Function keeps only u for the backward
-# pass. Keeping alpha out of the Function (no non-tensor state on ctx) also matters: a Function
-# whose backward reads a Python float from ctx crashed dynamo once that float became symbolic
-# (after a change of alpha, or with dynamic=True).
+# Why an autograd.Function and not the "detach trick" H(x) + (g(x) - g(x).detach()): the trick
+# computes the surrogate in the forward pass too (when this was written, its compiled loop ran
+# about as slow as the eager one on a CPU), while the Function keeps only u for the backward.
+# And alpha stays out of the Function (no non-tensor state on ctx): a backward reading a Python
+# float from ctx crashed dynamo once that float became symbolic.
 
 class _Spike(torch.autograd.Function):
     """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
@@ -104,12 +80,9 @@ class SigmoidSpike(_Spike):
         return grad * (sg * (1 - sg))
 
 
-# name -> (Function, default alpha). The defaults are SpikingJelly's; both give a peak
-# surrogate gradient of 1 at the threshold (ATan: alpha/2, sigmoid: alpha/4).
-SURROGATES = {
-    "atan": (ATanSpike, 2.0),
-    "sigmoid": (SigmoidSpike, 4.0),
-}
+# name -> (Function, default alpha): SpikingJelly's defaults, both a peak surrogate gradient of 1
+# at the threshold (ATan: alpha/2, sigmoid: alpha/4).
+SURROGATES = {"atan": (ATanSpike, 2.0), "sigmoid": (SigmoidSpike, 4.0)}
 
 
 def _surrogate(name: str, alpha: float | None) -> tuple[type[torch.autograd.Function], float]:
@@ -132,9 +105,7 @@ def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Ten
     return fn.apply(alpha * x)
 
 
-# ---------------------------------------------------------------------------------------------
-# The LIF neuron
-# ---------------------------------------------------------------------------------------------
+# -- The LIF neuron ---------------------------------------------------------------------------
 
 def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
               spike_fn: type[torch.autograd.Function], alpha: float, detach_reset: bool) -> Tensor:
@@ -144,14 +115,11 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
         charge:  v <- v + (x_t - (v - v_reset)) / tau
         fire:    s_t = H(v - v_threshold)
         reset:   v <- v * (1 - s_t) + v_reset * s_t
-    Gradients flow through time (BPTT), and through the reset too unless detach_reset, which
-    treats s_t in the reset as a constant (the reset term's gradient is then dropped).
+    Gradients flow through time (BPTT), and through the reset unless detach_reset.
 
-    The membrane v is kept in float32 even when x is bfloat16/float16 (autocast), and spikes
-    are returned in x's dtype. A spike is a threshold decision on v; with bf16's 8-bit mantissa
-    (steps of 1/128 near the threshold 1.0) roundings would flip spikes, and a hard reset makes
-    a flipped spike change all later steps. Under torch.compile the upcast is free (it happens
-    in registers inside the fused kernel); eagerly it costs float32 temporaries.
+    The membrane v is float32 even for bfloat16/float16 x (autocast); spikes come back in x's
+    dtype. In bf16 (steps of 1/128 near the threshold 1.0) roundings would flip spikes, and with
+    a hard reset a flipped spike changes all later steps. Compiled, the upcast stays in registers.
     """
     v_dtype = torch.promote_types(x.dtype, torch.float32)
     v = torch.full_like(x[0], v_reset, dtype=v_dtype)
@@ -169,12 +137,10 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
 def _compiled_lif_steps():
     """The one compiled lif_steps that all LIF layers share, created on the first compiled call.
 
-    Recompilation: the loop is traced with the neuron axis marked dynamic (see LIF.forward),
-    so layers of different widths and batches of different sizes reuse one graph. A new graph
-    is traced for a new T, dtype, surrogate, detach_reset, or grad mode (training vs no_grad
-    evaluation) -- a handful in practice, below dynamo's recompile limit of 8 per function.
-    dynamic=True (everything symbolic up front) is not used: it makes the float arguments
-    symbolic too, and on torch 2.13 tracing the surrogate's autograd.Function then crashed.
+    The neuron axis is marked dynamic (LIF.forward), so layers of any width and batches of any
+    size share a graph; a new T, dtype, surrogate, detach_reset or grad mode traces a new one, a
+    handful in practice, below dynamo's recompile limit. Not dynamic=True: it makes the float
+    arguments symbolic too, and tracing the surrogate's Function then crashed (torch 2.13).
     """
     return torch.compile(lif_steps)
 
@@ -182,18 +148,12 @@ def _compiled_lif_steps():
 class LIF(nn.Module):
     """Multi-step leaky integrate-and-fire neuron: [T, B, ...] currents -> [T, B, ...] spikes.
 
-    Stateless between calls: each forward starts from v = v_reset, so nothing needs resetting
-    between batches. Spikes have the input's shape and dtype and are exactly 0 or 1.
-
-    Args:
-        tau: membrane time constant (> 1; tau = 2 halves v each step).
-        v_threshold, v_reset: firing threshold and hard-reset potential.
-        surrogate: "atan" or "sigmoid"; alpha: its slope (None: 2 for atan, 4 for sigmoid).
-        detach_reset: do not backpropagate through the reset.
-        compile: run the timestep loop through torch.compile (compiled on first use).
-
-    After each forward, `last_rate` (0-dim float32 tensor, detached) is the mean of the spikes
-    and `last_numel` their number; the networks' spike_rate() combines them.
+    Stateless between calls (each forward starts from v = v_reset). Spikes have the input's
+    shape and dtype and are exactly 0 or 1. Args: tau (> 1; 2 halves v each step), v_threshold,
+    v_reset (hard reset), surrogate ("atan" or "sigmoid") and its alpha (None: its default),
+    detach_reset (no gradient through the reset), compile (the loop through torch.compile).
+    After each forward, `last_rate` (0-dim float32, detached) is the spikes' mean and
+    `last_numel` their number; the networks' spike_rate() combines them.
     """
 
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float = 0.0,
@@ -216,20 +176,17 @@ class LIF(nn.Module):
         if x.dim() < 2 or not x.is_floating_point():
             raise ValueError(f"LIF expects floating-point input shaped [T, B, ...]; got "
                              f"{x.dtype} {list(x.shape)}.")
-        # One layout for every layer: [T, N]. The loop is elementwise, so flattening is free
-        # (a view), and the compiled graph sees rank-2 inputs only, whatever the layer.
+        # [T, N] for every layer: the loop is elementwise, and the graph sees rank-2 inputs only
         flat = x.reshape(x.shape[0], -1)
         args = (self.tau, self.v_threshold, self.v_reset, self.spike_fn, self.alpha, self.detach_reset)
-        # Inside an outer torch.compile (the user compiled the whole model), trace the plain
-        # function into the outer graph rather than calling a nested compiled one.
+        # inside an outer torch.compile (the whole model compiled), trace the plain function
         if self.use_compile and not torch.compiler.is_compiling():
             flat = flat.contiguous()   # the encoder's expand() gives stride 0; avoid a 2nd graph
             torch._dynamo.maybe_mark_dynamic(flat, 1)   # widths/batches share one graph
             s = _compiled_lif_steps()(flat, *args)
         else:
             s = lif_steps(flat, *args)
-        # Firing statistics of this forward, kept on the device: the mean is queued like any
-        # other kernel and read (one host sync) only when someone calls .item() on it.
+        # kept on the device: read (one host sync) only when someone calls .item() on it
         self.last_rate = s.detach().mean(dtype=torch.float32)
         self.last_numel = s.numel()
         return s.reshape(x.shape)
@@ -248,16 +205,12 @@ def set_compile(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
+# -- Building blocks --------------------------------------------------------------------------
 
 class MultiStep(nn.Sequential):
-    """Stateless layers (conv, BN, pooling) applied to all timesteps at once.
-
-    [T, B, ...] -> [T*B, ...] -> layers -> [T, B, ...]. BatchNorm thus normalises over time
-    and batch together, which is tdBN (Zheng et al., AAAI 2021) with its scale alpha*V_th = 1.
-    """
+    """Stateless layers (conv, BN, pooling) applied to all timesteps at once: [T, B, ...] ->
+    [T*B, ...] -> layers -> [T, B, ...]. BatchNorm thus normalises over time and batch together,
+    which is tdBN (Zheng et al., AAAI 2021) with its scale alpha*V_th = 1."""
 
     def forward(self, x: Tensor) -> Tensor:
         T, B = x.shape[:2]
@@ -282,10 +235,8 @@ class SpikingNet(nn.Module):
         self.T = int(T)
 
     def encode(self, x: Tensor, stem: nn.Module) -> Tensor:
-        """Direct encoding: [B, C, H, W] images -> stem (conv + BN) once -> repeated to [T, B, ...].
-
-        The stem's output is the same at every step, so computing it T times would be waste.
-        """
+        """Direct encoding: [B, C, H, W] images -> stem (conv + BN), once: its output is the same
+        at every step -> repeated to [T, B, ...]."""
         if x.dim() != self.input_dims:
             layout = "images shaped [B, C, H, W]" if self.input_dims == 4 else "signals shaped [B, C, L]"
             raise ValueError(f"{type(self).__name__} expects {layout}; got "
@@ -302,11 +253,9 @@ class SpikingNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def spike_rate(self) -> Tensor:
-        """Fraction of LIF outputs that were spikes in the last forward, over all layers.
-
-        A 0-dim detached float32 tensor on the model's device (no host-device sync; call
-        .item() when you need the number). Weighted by layer size: total spikes / total outputs.
-        """
+        """Fraction of LIF outputs that were spikes in the last forward, over all layers (total
+        spikes / total outputs): a 0-dim detached float32 tensor on the model's device, so no
+        host-device sync until you call .item()."""
         lifs = [m for m in self.modules() if isinstance(m, LIF) and m.last_rate is not None]
         if not lifs:
             raise RuntimeError("spike_rate(): run a forward pass first.")
@@ -314,9 +263,7 @@ class SpikingNet(nn.Module):
         return sum(m.last_rate * (m.last_numel / total) for m in lifs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
+# -- Networks ---------------------------------------------------------------------------------
 
 class BasicBlock(nn.Module):
     """Spiking residual block: conv-BN-LIF-conv-BN (+ shortcut) -LIF, on [T, B, C, H, W] spikes.
@@ -339,18 +286,14 @@ class BasicBlock(nn.Module):
 
 
 class SEWBlock(BasicBlock):
-    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021), on [T, B, C, H, W].
+    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021), on [T, B, C, H, W]:
 
         out = LIF(BN(conv(LIF(BN(conv(x)))))) + shortcut(x)
 
-    BasicBlock's layers, with the sum moved after the second LIF: the residual branch's spikes
-    are added to the shortcut. The shortcut is the identity, or 1x1 conv + BN + LIF where the
-    shape changes (so that both addends are spikes, as in SEW ResNet's downsample path).
-
-    The output is NOT binary: it is a sum of spikes, an integer in 0..k, where k - 1 is the
-    number of blocks since the last spiking shortcut (or binary input): a stage of n blocks
-    whose first block downsamples outputs at most n + 1. It is non-negative, and the next
-    block's convolutions (and the classifier, after pooling) read these counts.
+    BasicBlock's layers with the sum after the second LIF. The shortcut is the identity, or 1x1
+    conv + BN + LIF where the shape changes (both addends are spikes, as in SEW's downsample
+    path). So the output is NOT binary but a sum of spikes: an integer in 0..k, k - 1 being the
+    number of blocks since the last spiking shortcut (a stage of n blocks outputs at most n + 1).
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
@@ -365,13 +308,12 @@ class SEWBlock(BasicBlock):
 
 # Residual stages: (width, number of blocks, stride of the first block).
 RESNET19_STAGES = ((128, 3, 1), (256, 3, 2), (512, 2, 2))
+RESNET34_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))   # He et al. 2016, Table 1
 
 
 def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> nn.Sequential:
-    """The blocks of a ResNet's stages, in one nn.Sequential (block(c_in, c_out, stride, neuron)).
-
-    Each stage's first block takes the stage's stride and changes the width; the rest keep both.
-    """
+    """The blocks of a ResNet's stages, in one nn.Sequential (block(c_in, c_out, stride, neuron)):
+    each stage's first block takes the stage's stride and changes the width; the rest keep both."""
     blocks = []
     for c_out, n, stride in stages:
         for i in range(n):
@@ -381,24 +323,17 @@ def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> 
 
 
 class SpikingResNet19(SpikingNet):
-    """The spiking ResNet-19 of the SNN literature for CIFAR (32x32 inputs; any size works).
-
-    Follows the ResNet-19 of tdBN (Zheng et al., "Going Deeper With Directly-Trained Larger
-    Spiking Neural Networks", AAAI 2021), also used by TET (Deng et al., ICLR 2022):
+    """The spiking ResNet-19 of the SNN literature for CIFAR (32x32 inputs), as in tdBN (Zheng et
+    al., AAAI 2021) and TET (Deng et al., ICLR 2022):
         3x3 conv 128 + BN + LIF                                          (stem, 1 layer)
         basic blocks 128 x3, 256 x3 (stride 2), 512 x2 (stride 2)       (16 layers)
-        global average pool, FC 256 + LIF, FC num_classes                (2 layers)
-    Deviations and choices: BN is plain BatchNorm over T*B (tdBN with scale 1, as in TET's
-    code); the stem has 128 channels as in the paper (TET's released code starts from 64 and
-    projects with a 1x1 conv in the first block); the LIF is SpikingJelly's (tau 2, hard reset)
-    rather than TET's own neuron; the 256-unit FC is followed by BN like every conv (TET's code
-    has none there). Without that BN the FC's input, pooled spikes with mean ~0.05, times
-    default-initialised weights stays far below threshold, the FC's LIF is silent at
-    initialisation, and the classifier starts from all-zero inputs.
-
-    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
-    `classifier` (nn.Linear(256, num_classes)) is applied to [T, B, 256]; its input is the
-    binary spikes of the 256-unit FC layer, so ||h_t||^2 is that step's spike count.
+        global average pool, FC 256 + BN + LIF, FC num_classes           (2 layers)
+    Choices: BN is plain BatchNorm over T*B (tdBN with scale 1, as in TET's code); the stem has
+    128 channels as in the paper (TET's code: 64, then a 1x1 projection); SpikingJelly's LIF
+    (tau 2, hard reset); the FC 256 is followed by BN like every conv (not in TET's code): without
+    it the pooled spikes times default-initialised weights stay far below threshold, and the
+    classifier starts from all-zero inputs. `classifier` (nn.Linear(256, num_classes)) reads the
+    binary spikes of the FC 256, so ||h_t||^2 is that step's spike count.
     """
 
     def __init__(self, num_classes: int, T: int = 4, compile: bool = True, **neuron):
@@ -420,20 +355,20 @@ class SpikingResNet19(SpikingNet):
         return self.classifier(x)                   # [T, B, num_classes]
 
 
-# ResNet-34's stages (He et al. 2016, Table 1), in the format of RESNET19_STAGES.
-RESNET34_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
-
-
 class _ImageNetResNet(SpikingNet):
-    """The ImageNet ResNet layout that SpikingResNet and SEWResNet share; subclasses set `block`.
+    """The ImageNet ResNet layout of SpikingResNet and SEWResNet, which set `block`:
 
-        7x7 conv 64 stride 2 + BN (direct encoding, once) + LIF, 3x3 max pool stride 2
-        stages of `block`s (default ResNet-34: 64 x3, 128 x4, 256 x6, 512 x3; stride 2 at the
-        first block of stages 2-4), global average pool, classifier nn.Linear(512, num_classes)
+        7x7 conv 64 /2 + BN (direct encoding) + LIF, 3x3 max pool /2   [T, B, 64, H/4, W/4]
+        blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2                  [T, B, 512, H/32, W/32]
+        global average pool, classifier nn.Linear(512, num_classes)    [T, B, num_classes]
 
-    Spatial size: H/4 after the pool, H/32 at the end (7x7 for 224x224, 1x1 for 32x32).
-    `stages` takes another depth in the same format, e.g. ((64, 2, 1), (128, 2, 2), (256, 2, 2),
-    (512, 2, 2)) for ResNet-18.
+    `stages` takes another depth in RESNET34_STAGES's format, e.g. ((64, 2, 1), (128, 2, 2),
+    (256, 2, 2), (512, 2, 2)) for ResNet-18. Parameters: 21,797,672 at 1000 classes (as
+    torchvision's resnet34: LIFs have none). Choices, for both: the project's LIF (tau 2, hard
+    reset to 0, ATan surrogate) instead of the IF neuron with detached reset of SEW's code;
+    BN over T*B (as SEW's and SpikingJelly's multi-step containers do); no zero-init of each
+    block's last BN; the stem runs once and is repeated over T (as in SEW's code); per-timestep
+    logits, whose mean over T is what SEW's code returns (it applies the affine FC to the mean).
     """
 
     block: type[BasicBlock] = BasicBlock
@@ -458,69 +393,22 @@ class _ImageNetResNet(SpikingNet):
 
 
 class SpikingResNet(_ImageNetResNet):
-    """Spiking ResNet-34 for ImageNet: torchvision's ResNet-34 with every ReLU replaced by a LIF.
-
-    The "Spiking ResNet" of the SNN literature: the network that tdBN (Zheng et al., AAAI 2021)
-    and TET (Deng et al., ICLR 2022) report as ResNet-34 on ImageNet, in the layout of the
-    Spiking ResNet baseline in SEW ResNet's code (Fang et al., NeurIPS 2021) and SpikingJelly's
-    spiking_resnet34. Blocks are BasicBlock (sum before the second LIF), so every block outputs
-    binary spikes; shortcuts are identity or 1x1 conv + BN.
-
-        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2              [T, B, 64, H/4, W/4]
-        basic blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2      [T, B, 512, H/32, W/32]
-        global average pool, classifier FC num_classes          [T, B, num_classes]
-
-    Parameters: 21,797,672 at 1000 classes (torchvision's resnet34 has the same count: LIFs
-    have no parameters); 21,289,802 at 10 classes.
-
-    Deviations and choices: the project's LIF (tau 2, hard reset to 0, threshold 1, ATan
-    surrogate, gradient through the reset unless detach_reset=True) instead of the IF neuron
-    with detached reset that SEW's code uses for its Spiking ResNet, and of tdBN's/TET's own
-    neurons; BN is plain BatchNorm over T*B (tdBN with scale 1; SpikingJelly's multi-step
-    containers do the same); no zero-init of the last BN of each block (SEW's runs of Spiking
-    ResNet used --zero_init_residual); the stem conv + BN runs once and is repeated over T
-    (direct encoding, as in SEW's code); logits are per timestep, and their mean over T is
-    what SEW's code returns (it applies the FC to the time-mean; the FC is affine).
-
-    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
-    `classifier` (nn.Linear(512, num_classes)) is applied to [T, B, 512]: the spatial mean of
-    the last block's binary spikes, in [0, 1] (itself binary when that map is 1x1, i.e. 32x32
-    inputs).
+    """Spiking ResNet-34: torchvision's ResNet-34 with every ReLU a LIF, the network tdBN (Zheng
+    et al., AAAI 2021) and TET (Deng et al., ICLR 2022) report as ResNet-34 on ImageNet, in the
+    layout of SEW ResNet's Spiking ResNet baseline and SpikingJelly's spiking_resnet34.
+    BasicBlocks: every block outputs binary spikes, and `classifier` reads their spatial mean,
+    in [0, 1] (binary when the last map is 1x1, as at 32x32).
     """
 
     block = BasicBlock
 
 
 class SEWResNet(_ImageNetResNet):
-    """SEW-ResNet-34 (spike-element-wise ResNet with ADD) of Fang et al., "Deep Residual Learning
-    in Spiking Neural Networks", NeurIPS 2021: the ResNet-34 layout with SEWBlock.
-
-        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2              [T, B, 64, H/4, W/4] spikes
-        SEW blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2        [T, B, 512, H/32, W/32] counts
-        global average pool, classifier FC num_classes          [T, B, num_classes]
-
-    Each block adds its residual branch's spikes to the shortcut, which is the identity or
-    1x1 conv + BN + LIF (SEW's downsample path ends with a spiking neuron), so block outputs
-    are NOT binary but sums of spikes: integers 0..n+1 at the end of a stage of n blocks (up to
-    7 inside the 256-wide stage, up to 4 at the last block's output). See SEWBlock.
-
-    Parameters: 21,797,672 at 1000 classes, as the Spiking ResNet-34 (the shortcut LIFs have
-    none); 21,289,802 at 10 classes.
-
-    Deviations and choices: the project's LIF (tau 2, hard reset to 0, threshold 1, ATan
-    surrogate alpha 2, gradient through the reset unless detach_reset=True) instead of SEW's
-    ImageNet neuron, the IF neuron (no leak) with ATan surrogate and detached reset; BN is
-    plain BatchNorm over T*B, which is what SEW's code does too (its SeqToANNContainer merges
-    T and B); the stem conv + BN runs once and is repeated over T, also as in SEW's code;
-    logits are per timestep, and their mean over T is what SEW's code returns (it applies the
-    FC to the time-mean of the pooled features; the FC is affine). Only ADD is implemented
-    (not SEW's AND and IAND connect functions).
-
-    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
-    `classifier` (nn.Linear(512, num_classes)) is applied to [T, B, 512]: the spatial mean of
-    the last block's spike counts. Non-negative (what spike-aware pruning's bounds need), but
-    not in [0, 1]: up to 4 here; integers when the last map is 1x1 (32x32 inputs). So
-    ||h_t||^2 is not a spike count for this network.
+    """SEW-ResNet-34 with ADD (Fang et al., "Deep Residual Learning in Spiking Neural Networks",
+    NeurIPS 2021): the ResNet-34 layout with SEWBlocks, whose outputs are sums of spikes (up to
+    7 in the 256-wide stage, 4 at the last block). `classifier` reads their spatial mean:
+    non-negative, as spike-aware pruning's bounds need, but not in [0, 1], so ||h_t||^2 is no
+    spike count here. Only ADD, not SEW's AND and IAND connect functions.
     """
 
     block = SEWBlock
@@ -528,29 +416,23 @@ class SEWResNet(_ImageNetResNet):
 
 # VGG-11 (configuration "A" of Simonyan & Zisserman): channels, "M" = 2x2 max pool.
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
-# A small spiking ConvNet for tests and CPU smoke runs (about 25k parameters): three conv-BN-LIF
-# layers, 2x2 max pools after the first two.
+# A small spiking ConvNet for tests and CPU smoke runs: three conv-BN-LIF layers, two pools.
 CONVNET = (16, "M", 32, "M", 64)
 
 
 class SpikingVGG(SpikingNet):
     """Spiking VGG: conv-BN-LIF layers and 2x2 max pools, then global average pool + classifier.
 
-    cfg lists conv widths and "M" for max pools (default VGG-11; build_model("convnet") is the
-    small CONVNET). Max pooling of spikes is a logical OR, so the feature maps stay binary. The
-    two 4096-wide FC layers of the ImageNet VGG are left out, as is usual for CIFAR.
-
-    forward(x [B, 3, H, W]) -> per-timestep logits [T, B, num_classes].
-    `classifier` (nn.Linear(last width, num_classes)) is applied to [T, B, D]; its input is the
-    spatial mean of the last binary feature map: in [0, 1], and itself binary when that map is
-    1x1 (VGG-11 on 32x32 inputs; not for CONVNET, whose last map is 8x8).
+    cfg lists conv widths and "M" for max pools (default VGG-11). Max pooling of spikes is a
+    logical OR, so the maps stay binary. Without the ImageNet VGG's two 4096-wide FC layers, as
+    usual for CIFAR. `classifier` reads the spatial mean of the last binary map: in [0, 1], and
+    binary when that map is 1x1 (VGG-11 on 32x32 inputs).
     """
 
     def __init__(self, num_classes: int, T: int = 4, cfg=VGG11, compile: bool = True, **neuron):
         super().__init__(T)
         neuron = dict(neuron, compile=compile)
-        widths = [c for c in cfg if c != "M"]
-        if not widths or cfg[0] == "M":
+        if not cfg or cfg[0] == "M":
             raise ValueError(f"cfg must start with a conv width; got {cfg}.")
         self.stem = nn.Sequential(*conv_bn(3, cfg[0]))
         layers, c_in = [LIF(**neuron)], cfg[0]
@@ -570,16 +452,14 @@ class SpikingVGG(SpikingNet):
 
 
 class SpikingConv1d(SpikingNet):
-    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]; about 17k parameters).
+    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]):
 
         Conv1d 1->32 k5 + BN + LIF                         [T, B, 32, 40]
         Conv1d 32->32 k3 stride 2 + BN + LIF, twice        [T, B, 32, 10]
         flatten, classifier                                [T, B, 320] -> [T, B, num_classes]
 
-    The head reads the flattened binary spikes of the last layer, so ||h_t||^2 is exactly that
-    step's spike count: the case the spike-aware score is derived for.
-
-    forward(x [B, C, L]) -> per-timestep logits [T, B, num_classes].
+    The head reads the last layer's binary spikes, so ||h_t||^2 is exactly that step's spike
+    count: the case the spike-aware score is derived for.
     """
 
     input_dims = 3
@@ -597,8 +477,7 @@ class SpikingConv1d(SpikingNet):
             LIF(**neuron),
             MultiStep(*conv_bn_1d(width, width, 3, 2)), LIF(**neuron),
             MultiStep(*conv_bn_1d(width, width, 3, 2)), LIF(**neuron))
-        out_length = (length + 1) // 2
-        out_length = (out_length + 1) // 2
+        out_length = ((length + 1) // 2 + 1) // 2          # after the two stride-2 convs
         self.classifier = nn.Linear(width * out_length, num_classes)
         self.init_weights()
 
@@ -607,9 +486,7 @@ class SpikingConv1d(SpikingNet):
         return self.classifier(x.flatten(2))            # [T, B, num_classes]
 
 
-# ---------------------------------------------------------------------------------------------
-# Factory
-# ---------------------------------------------------------------------------------------------
+# -- Factory ----------------------------------------------------------------------------------
 
 _BUILDERS = {
     "resnet19": SpikingResNet19,
@@ -628,3 +505,31 @@ def build_model(name: str, num_classes: int, T: int = 4, compile: bool = True, *
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
+
+
+# (kernel, padding) of each stride-2 layer of the image networks, from input to output: the
+# stride-2 block convs (3x3), the VGGs' 2x2 pools, the ResNet-34s' stem conv and max pool
+_HALVINGS = {
+    "resnet19": [(3, 1)] * sum(stride == 2 for *_, stride in RESNET19_STAGES),
+    "vgg11": [(2, 0)] * VGG11.count("M"),
+    "convnet": [(2, 0)] * CONVNET.count("M"),
+    "spiking_resnet34": [(7, 3), (3, 1)] + [(3, 1)] * sum(s == 2 for *_, s in RESNET34_STAGES),
+}
+_HALVINGS["sew_resnet34"] = _HALVINGS["spiking_resnet34"]
+
+
+def min_image_size(name: str) -> int:
+    """The smallest side (pixels) of the square images network `name` takes: the smallest at which
+    each of its stride-2 layers (pools, strided convs) halves a map of at least 2 pixels. One
+    pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run a strided
+    conv on a 1x1 map, where its kernel sees padding but for the centre; far below, their
+    training was seen to diverge to NaN. conv1d takes 1-D signals of the length it was built
+    for, not images: ValueError, as for an unknown name."""
+    if name not in _HALVINGS:
+        raise ValueError(f"{name!r} takes no images; the image networks are {', '.join(_HALVINGS)}.")
+    # From n pixels a stride-2 layer makes (n + 2 padding - kernel) // 2 + 1, so m pixels out need
+    # n >= 2 (m - 1) + kernel - 2 padding in: walk back from the 2 the last such layer needs.
+    side = 2
+    for kernel, padding in reversed(_HALVINGS[name][:-1]):
+        side = max(2, 2 * (side - 1) + kernel - 2 * padding)
+    return side

@@ -4,6 +4,7 @@ files written by the tests, read by DataLoader workers, end to end through train
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -33,6 +34,17 @@ def write_folder(root, train_per_class=6, val_per_class=2, seed=0):
                 pixels[..., label] += 120
                 Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.JPEG"), quality=90)
     return str(root)
+
+
+def flatten_val(root):
+    """ImageNet's val/ as it ships (val_<class>_<file>, no class folders); {file: class}."""
+    truth = {}
+    for name in CLASSES:
+        for f in sorted(os.listdir(os.path.join(root, "val", name))):
+            truth[f"val_{name}_{f}"] = name
+            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", f"val_{name}_{f}"))
+        os.rmdir(os.path.join(root, "val", name))
+    return truth
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +83,6 @@ def _no_val(root):
     os.rename(os.path.join(root, "val"), os.path.join(root, "validation"))
 
 
-def _flat_val(root):           # ImageNet's val/ as it ships: images, no class folders
-    val = os.path.join(root, "val")
-    for name in CLASSES:
-        for f in os.listdir(os.path.join(val, name)):
-            os.rename(os.path.join(val, name, f), os.path.join(val, f"{name}_{f}"))
-        os.rmdir(os.path.join(val, name))
-
-
 def _empty_class(root):
     os.makedirs(os.path.join(root, "train", "emu"))
     os.makedirs(os.path.join(root, "val", "emu"))
@@ -93,7 +97,7 @@ def _class_missing_from_val(root):
 @pytest.mark.parametrize("break_it, message", [
     (None, "not a folder"),
     (_no_val, "has no val/ folder"),
-    (_flat_val, "outside class folders"),
+    (flatten_val, "outside class folders"),
     (_empty_class, "hold no image"),
     (_class_missing_from_val, "have no folder in"),
 ])
@@ -114,13 +118,7 @@ def test_a_wrong_layout_is_named_before_any_training(tmp_path, capsys, break_it,
 def test_a_flat_val_folder_is_sorted_by_a_labels_file_and_then_scans(tmp_path):
     import subprocess
     root = write_folder(tmp_path / "ds", 2, 2)
-    truth = {}
-    for name in CLASSES:                                   # flatten val/ as ImageNet ships it
-        for f in sorted(os.listdir(os.path.join(root, "val", name))):
-            flat = f"val_{name}_{f}"
-            os.rename(os.path.join(root, "val", name, f), os.path.join(root, "val", flat))
-            truth[flat] = name
-        os.rmdir(os.path.join(root, "val", name))
+    truth = flatten_val(root)
     with pytest.raises(DataError, match="imagefolder.py sort"):
         imagefolder.scan(root)
     # Kaggle's LOC_val_solution.csv: a header, ids without extension, the class + boxes
@@ -139,6 +137,138 @@ def test_a_flat_val_folder_is_sorted_by_a_labels_file_and_then_scans(tmp_path):
     for i in range(len(f.val)):
         assert truth[os.path.basename(f.val.path(i))] == f.classes[int(f.val.labels[i])]
     assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 0   # again: nothing
+
+
+def test_images_anywhere_below_a_class_folder_belong_to_it_as_in_torchvision(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    owl = os.path.join(root, "train", "owl")
+    os.makedirs(os.path.join(owl, "2024", "night"))
+    os.replace(os.path.join(owl, "0.JPEG"), os.path.join(owl, "2024", "a.JPEG"))
+    os.replace(os.path.join(owl, "1.JPEG"), os.path.join(owl, "2024", "night", "b.JPEG"))
+    os.symlink(os.path.join(root, "val", "owl"), os.path.join(owl, "linked"))    # followed
+    os.makedirs(os.path.join(owl, ".cache"))                                     # hidden: skipped
+    Image.new("RGB", (8, 8)).save(os.path.join(owl, ".cache", "thumb.JPEG"))
+    f = imagefolder.scan(root)
+    owls = [p.decode() for p, y in zip(f.train.paths, f.train.labels) if f.classes[y] == "owl"]
+    assert owls == ["owl/2024/a.JPEG", "owl/2024/night/b.JPEG", "owl/linked/0.JPEG"]
+    assert len(f.train) == 2 + 2 + 3
+
+
+def _no_permission(owl, monkeypatch):
+    os.makedirs(os.path.join(owl, "locked"))
+    real = os.scandir
+    def scandir(path="."):
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)      # tests run as root, which chmod cannot stop
+
+
+@pytest.mark.parametrize("break_it, name, message", [
+    (lambda owl, _: os.symlink("..", os.path.join(owl, "up")), "up", "symbolic link loop"),
+    (lambda owl, _: os.symlink("self", os.path.join(owl, "self")), "self", "Too many levels of symbolic"),
+    (lambda owl, _: os.symlink("/nowhere/9.JPEG", os.path.join(owl, "9.JPEG")), "9.JPEG", "broken symbolic"),
+    (_no_permission, "locked", "Permission denied"),
+])
+def test_an_entry_that_cannot_be_read_is_named_not_skipped_or_walked_forever(tmp_path, monkeypatch,
+                                                                              break_it, name, message):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    owl = os.path.join(root, "train", "owl")
+    break_it(owl, monkeypatch)
+    with pytest.raises(DataError, match=message) as err:
+        imagefolder.scan(root)
+    assert os.path.join(owl, name) in str(err.value)
+
+
+def test_a_single_class_is_refused_at_the_scan(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    for split in ("train", "val"):
+        for name in ("dog", "owl"):
+            for f in os.listdir(os.path.join(root, split, name)):
+                os.remove(os.path.join(root, split, name, f))
+            os.rmdir(os.path.join(root, split, name))
+    with pytest.raises(DataError, match="at least 2 classes") as err:
+        imagefolder.scan(root)
+    assert os.path.join(root, "train") in str(err.value)
+
+
+def labels_file(truth, renamed=(), encoding="utf-8"):
+    """A header, then "<file>,<class>" per image, with the classes in `renamed` renamed."""
+    renamed = dict(renamed)
+    lines = ["ImageId,PredictionString"] + [f"{f},{renamed.get(c, c)}" for f, c in truth.items()]
+    return "\n".join(lines).encode(encoding)
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda t: labels_file(t, {"dog": "d\xf6g"}, "latin-1"), "is not UTF-8 text (line 4"),
+    (lambda t: bytes(range(256)) * 4, "is not UTF-8 text (line 3, byte 115"),   # after \n, \r
+    (lambda t: labels_file(t, {"dog": "d\0g"}), "a NUL byte"),
+    (lambda t: labels_file(t, {"owl": "o" * 300}), "300 bytes, over the"),
+    (lambda t: labels_file(t, {"cat": ".."}), "not folder names"),
+])
+def test_sort_checks_the_whole_labels_file_before_moving_anything(tmp_path, write, message):
+    root = write_folder(tmp_path / "ds", 2, 2)
+    truth = flatten_val(root)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(write(truth))
+    with pytest.raises(DataError, match=re.escape(message)) as err:
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    assert str(labels) in str(err.value) and "nothing was moved" in str(err.value)
+    assert sorted(os.listdir(os.path.join(root, "val"))) == sorted(truth)
+
+
+def test_sort_reads_a_labels_file_with_a_byte_order_mark(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    truth = flatten_val(root)
+    labels = tmp_path / "labels.csv"                  # what Excel's "CSV UTF-8" writes
+    labels.write_text("".join(f"{f},{c}\n" for f, c in truth.items()), encoding="utf-8-sig")
+    assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 3
+
+
+def test_sort_interrupted_midway_says_so_and_a_rerun_moves_the_rest(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "ds", 2, 2)
+    truth = flatten_val(root)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{f} {c}\n" for f, c in truth.items()))
+    replace, calls = os.replace, []
+    def failing(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(DataError, match="2 of the 6 images were moved") as err:
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    assert "Input/output error" in str(err.value) and "run the same command again" in str(err.value)
+    monkeypatch.setattr(os, "replace", replace)
+    assert imagefolder.sort_flat_split(os.path.join(root, "val"), labels) == 4
+    assert len(imagefolder.scan(root).val) == 6
+
+
+def test_sort_never_replaces_an_image_already_in_a_class_folder(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 1)
+    truth = flatten_val(root)
+    first = next(iter(truth))
+    os.makedirs(os.path.join(root, "val", truth[first]))
+    with open(os.path.join(root, "val", truth[first], first), "wb") as f:
+        f.write(b"another image")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{f} {c}\n" for f, c in truth.items()))
+    with pytest.raises(DataError, match="already"):
+        imagefolder.sort_flat_split(os.path.join(root, "val"), labels)
+    with open(os.path.join(root, "val", truth[first], first), "rb") as f:
+        assert f.read() == b"another image"
+
+
+def test_sort_command_reports_a_bad_labels_file_as_an_error_not_a_traceback(tmp_path):
+    import subprocess
+    root = write_folder(tmp_path / "ds", 2, 1)
+    flatten_val(root)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"val_cat_0.JPEG caf\xe9\n")
+    cli = subprocess.run([sys.executable, "imagefolder.py", "sort", os.path.join(root, "val"), str(labels)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: ") and "Traceback" not in cli.stderr
 
 
 # -- Decoding and augmentation -------------------------------------------------------------------
@@ -243,6 +373,36 @@ def test_the_odd_files_of_imagenet_decode_to_rgb_and_a_bomb_is_unreadable(tmp_pa
     image, label, index, ok = imagefolder.FolderDataset(split, 32, train=False)[0]
     assert not ok and not image.any()
     assert "DecompressionBombError" in imagefolder.why_unreadable(str(tmp_path / "png.JPEG"))
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I;16B", "TIFF"), ("I", "TIFF")])
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, monkeypatch, mode, fmt):
+    grey = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)   # a dark-to-light ramp
+    wide = Image.frombytes(mode, (64, 48), grey.astype(">u2" if mode == "I;16B" else "<u2" if
+                                                       mode == "I;16" else "<i4").tobytes())
+    wide.save(tmp_path / f"wide.{fmt}", format=fmt)
+    Image.fromarray(np.round(grey / 257).astype(np.uint8)).save(tmp_path / "narrow.png")
+    assert Image.open(tmp_path / f"wide.{fmt}").mode == mode
+    narrow = imagefolder.load_image(str(tmp_path / "narrow.png"), 32, None).float()
+    # torchcodec, where it applies, leaves 16-bit files to Pillow
+    monkeypatch.setattr(imagefolder, "_torchcodec_crop", lambda *a: pytest.fail("torchcodec on 16 bits"))
+    for decoder in ("pillow", "torchcodec"):
+        out = imagefolder.load_image(str(tmp_path / f"wide.{fmt}"), 32, None, decoder=decoder).float()
+        assert (out - narrow).abs().max() <= 1                           # clipped: white where it is not
+
+
+def test_unreadable_validation_images_come_labelled_minus_1_under_skip_corrupt(tmp_path):
+    root = write_folder(tmp_path / "ds", 2, 2)                # train.py's evaluate counts y < 0
+    with open(os.path.join(root, "val", "dog", "1.JPEG"), "wb") as f:
+        f.write(b"not a JPEG")
+    folder = imagefolder.scan(root)
+    bad = folder.val.paths.tolist().index(b"dog/1.JPEG")
+    source = imagefolder.FolderSource(folder, 16, workers=0, device="cpu", skip_corrupt=True)
+    y = torch.cat([y for _, y in source.test_batches(0, 1, 4)])
+    assert y.tolist() == [-1 if i == bad else int(folder.val.labels[i]) for i in range(6)]
+    strict = imagefolder.FolderSource(folder, 16, workers=0, device="cpu")
+    with pytest.raises(DataError, match="cannot read image .*dog/1.JPEG"):
+        list(strict.test_batches(0, 1, 4))
 
 
 def test_augmentation_depends_on_the_key_only_not_on_workers(folder):

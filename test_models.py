@@ -279,6 +279,34 @@ def test_build_model():
         build_model("sew_resnet34", 10, stages=())
 
 
+@pytest.mark.parametrize("name", [name for name in MODELS if name != "conv1d"])
+def test_min_image_size_is_the_smallest_side_every_stride_2_layer_halves(name):
+    side = models.min_image_size(name)
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, T=2, compile=False)
+    sides = []                                   # the input side of every stride-2 conv and pool
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.MaxPool2d)) and m.stride in (2, (2, 2)):
+            m.register_forward_pre_hook(lambda m, a: sides.append(a[0].shape[-1]))
+    out = model(torch.randn(2, 3, side, side))
+    F.cross_entropy(out.mean(0), torch.arange(2)).backward()
+    assert torch.isfinite(out).all() and min(sides) >= 2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    sides.clear()
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, 3, side - 1, side - 1))
+    except RuntimeError:                         # the VGGs: a 2x2 pool of a 1x1 map
+        return
+    assert min(sides) == 1                       # the ResNets: a stride-2 conv on a 1x1 map
+
+
+def test_min_image_size_refuses_what_takes_no_images():
+    for name in ("conv1d", "resnet18"):
+        with pytest.raises(ValueError, match="image networks are"):
+            models.min_image_size(name)
+
+
 def test_convnet_learns_synthetic_task():
     # Four classes, each a fixed random image plus noise: a few dozen full-batch steps must fit it.
     torch.manual_seed(0)
