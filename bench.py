@@ -141,7 +141,8 @@ def run_sections(sections: dict, names: list[str], cfg: dict, out: str | None,
     """Run sections[name](cfg) -> dict for each name, writing --out after each. A section that
     raises is recorded as {"error": {type, message, traceback}} and the next one runs; an
     interrupt (KeyboardInterrupt) is recorded, then raised. Returns (results, failed names)."""
-    head = {"machine": machine(), "command": command, "config": cfg}
+    head = {"machine": machine(), "command": command, "config": cfg,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     results, failed = {}, []
     for name in names:
         date, t0, stop = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter(), None
