@@ -170,7 +170,7 @@ def common_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here (after each section)")
     p.add_argument("--plot", default=None, help="with matplotlib: draw figures into this directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override a setting: KEY=JSON, e.g. --set T=2 --set 'speedup.ratios=[0.5]'")
+                   help="override a setting of config(): KEY is a shared NAME or SECTION.NAME")
     return p
 
 
