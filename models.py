@@ -1,29 +1,22 @@
-"""Spiking neural networks for image classification, in one file.
-
-A leaky integrate-and-fire (LIF) neuron with surrogate gradients, and the networks built from
-it: the spiking ResNet-19 used for CIFAR in the SNN literature, the two ImageNet ResNet-34s
-(the plain spiking ResNet-34 of tdBN/TET, "spiking_resnet34", and SEW-ResNet-34 of Fang et al.
-2021, "sew_resnet34"), a spiking VGG, whose small configuration "convnet" serves tests and
-smoke runs on a CPU, and a 1-D ConvNet for MNIST-1D.
+"""Spiking neural networks: a leaky integrate-and-fire (LIF) neuron with surrogate gradients, and
+the networks of build_model(): a spiking ResNet-19 (CIFAR), the ImageNet ResNet-34s (plain
+spiking and SEW), a spiking VGG-11 and its small "convnet", and a 1-D ConvNet for MNIST-1D.
 
 Activations are time-first, [T, B, ...], as in SpikingJelly's multi-step mode. Only the neuron
 loops over T; stateless layers (conv, BN, pooling) run once on the merged [T*B, ...] tensor.
 Input encoding is direct: the image passes the first conv + BN once, and the result feeds the
 first LIF at every step.
-
-Every network returns per-timestep logits [T, B, num_classes] (so that per-timestep losses such
-as TET's can be used) and exposes its last layer as `model.classifier`, an nn.Linear applied to
-[T, B, D]. What enters it is non-negative (binary spikes, their spatial mean, or for SEW-ResNet
-the spatial mean of sums of spikes), which spike-aware data pruning reads with a forward hook.
+It returns per-timestep logits [T, B, num_classes] (for per-timestep losses such as TET's), and
+its last layer, `model.classifier`, is an nn.Linear on [T, B, D] whose non-negative input
+(spikes, their spatial mean, or SEW's sums of spikes) spike-aware data pruning reads with a hook.
 
     model = build_model("resnet19", num_classes=10, T=4)     # compiles on the first forward
     logits = model(images)                                   # [4, B, 10]
     loss = F.cross_entropy(logits.mean(0), labels)
     rate = model.spike_rate()                                # 0-dim tensor, no host sync
 
-The LIF timestep loop, `lif_steps`, is compiled lazily with torch.compile, one compiled callable
-shared by every LIF layer (on a GPU a layer's T steps fuse into a few elementwise kernels).
-compile=False, or set_compile(model, False), runs it eagerly.
+The LIF timestep loop, `lif_steps`, runs through torch.compile, one compiled callable shared by
+every LIF layer; compile=False, or set_compile(model, False), runs it eagerly.
 """
 
 from __future__ import annotations
@@ -34,23 +27,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "SURROGATES", "build_model", "min_image_size", "spike", "ATanSpike",
-           "SigmoidSpike", "lif_steps", "LIF", "MultiStep", "SpikingResNet19", "SpikingResNet",
-           "SEWResNet", "BasicBlock", "SEWBlock", "SpikingVGG", "SpikingConv1d", "set_compile"]
-
 
 # -- Spikes with surrogate gradients ----------------------------------------------------------
-#
-# Forward: the Heaviside step H(x) = 1[x >= 0] (SpikingJelly's convention: a neuron exactly at
-# threshold fires). Backward: the derivative of a smooth primitive g_alpha instead. Each
-# Function below is written for alpha = 1 and receives u = alpha * x; autograd's chain rule
-# through that product supplies the factor alpha: d/dx g_1(alpha x) = g_alpha'(x).
-#
-# Why an autograd.Function and not the "detach trick" H(x) + (g(x) - g(x).detach()): the trick
-# computes the surrogate in the forward pass too (when this was written, its compiled loop ran
-# about as slow as the eager one on a CPU), while the Function keeps only u for the backward.
-# And alpha stays out of the Function (no non-tensor state on ctx): a backward reading a Python
-# float from ctx crashed dynamo once that float became symbolic.
+# Forward: the Heaviside step H(x) = 1[x >= 0] (as in SpikingJelly, a neuron exactly at threshold
+# fires). Backward: the derivative of a smooth primitive g_alpha instead. Each Function is written
+# for alpha = 1 and receives u = alpha * x; the chain rule through that product supplies the
+# factor alpha: d/dx g_1(alpha x) = g_alpha'(x). Not the "detach trick" H + (g - g.detach()),
+# which computes the surrogate in the forward pass too. And alpha stays out of the Function: a
+# backward reading a Python float from ctx crashed dynamo once that float became symbolic.
 
 class _Spike(torch.autograd.Function):
     """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
@@ -96,8 +80,7 @@ def _surrogate(name: str, alpha: float | None) -> tuple[type[torch.autograd.Func
 
 
 def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Tensor:
-    """Heaviside step 1[x >= 0] whose gradient is the named surrogate's derivative at slope alpha.
-
+    """Heaviside step 1[x >= 0] whose gradient is the named surrogate's derivative at slope alpha:
     ATan:    d/dx = alpha/2 / (1 + (pi/2 * alpha * x)^2)      (alpha = 2 by default)
     sigmoid: d/dx = alpha * sg(alpha x) * (1 - sg(alpha x))   (alpha = 4 by default)
     """
@@ -110,16 +93,14 @@ def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Ten
 def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
               spike_fn: type[torch.autograd.Function], alpha: float, detach_reset: bool) -> Tensor:
     """Runs a LIF neuron over the T steps of x: [T, ...] input currents -> [T, ...] spikes.
-
     SpikingJelly's LIF with decay_input=True and a hard reset, starting from v = v_reset:
         charge:  v <- v + (x_t - (v - v_reset)) / tau
         fire:    s_t = H(v - v_threshold)
         reset:   v <- v * (1 - s_t) + v_reset * s_t
     Gradients flow through time (BPTT), and through the reset unless detach_reset.
-
-    The membrane v is float32 even for bfloat16/float16 x (autocast); spikes come back in x's
-    dtype. In bf16 (steps of 1/128 near the threshold 1.0) roundings would flip spikes, and with
-    a hard reset a flipped spike changes all later steps. Compiled, the upcast stays in registers.
+    The membrane v is float32 even for bfloat16/float16 x (autocast): in bf16 (steps of 1/128
+    near the threshold 1.0) roundings would flip spikes, and with a hard reset a flipped spike
+    changes all later steps. Spikes come back in x's dtype.
     """
     v_dtype = torch.promote_types(x.dtype, torch.float32)
     v = torch.full_like(x[0], v_reset, dtype=v_dtype)
@@ -135,26 +116,17 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
 
 @functools.cache
 def _compiled_lif_steps():
-    """The one compiled lif_steps that all LIF layers share, created on the first compiled call.
-
-    The neuron axis is marked dynamic (LIF.forward), so layers of any width and batches of any
-    size share a graph; a new T, dtype, surrogate, detach_reset or grad mode traces a new one, a
-    handful in practice, below dynamo's recompile limit. Not dynamic=True: it makes the float
-    arguments symbolic too, and tracing the surrogate's Function then crashed (torch 2.13).
-    """
+    """The one compiled lif_steps that all LIF layers share. The neuron axis is marked dynamic
+    (LIF.forward), so layers of any width and batches of any size share a graph. Not dynamic=True:
+    it makes the float arguments symbolic too, and tracing the surrogate's Function then crashed."""
     return torch.compile(lif_steps)
 
 
 class LIF(nn.Module):
-    """Multi-step leaky integrate-and-fire neuron: [T, B, ...] currents -> [T, B, ...] spikes.
-
-    Stateless between calls (each forward starts from v = v_reset). Spikes have the input's
-    shape and dtype and are exactly 0 or 1. Args: tau (> 1; 2 halves v each step), v_threshold,
-    v_reset (hard reset), surrogate ("atan" or "sigmoid") and its alpha (None: its default),
-    detach_reset (no gradient through the reset), compile (the loop through torch.compile).
-    After each forward, `last_rate` (0-dim float32, detached) is the spikes' mean and
-    `last_numel` their number; the networks' spike_rate() combines them.
-    """
+    """Multi-step leaky integrate-and-fire neuron (lif_steps): [T, B, ...] currents -> [T, B, ...]
+    spikes, stateless between calls. alpha=None takes the surrogate's default; compile runs the
+    loop through torch.compile. After each forward, `last_rate` (0-dim float32, detached) is the
+    spikes' mean and `last_numel` their number; the networks' spike_rate() combines them."""
 
     def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float = 0.0,
                  surrogate: str = "atan", alpha: float | None = None,
@@ -217,22 +189,23 @@ class MultiStep(nn.Sequential):
         return super().forward(x.flatten(0, 1)).unflatten(0, (T, B))
 
 
-def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1) -> list[nn.Module]:
-    # No conv bias: the BN right after it has its own.
-    return [nn.Conv2d(c_in, c_out, kernel_size, stride, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(c_out)]
+def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, dims: int = 2) -> list:
+    """A conv (2-D, or 1-D for dims=1) without bias (the BN has its own) and its BatchNorm."""
+    conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+    return [conv(c_in, c_out, kernel_size, stride, padding=kernel_size // 2, bias=False), bn(c_out)]
 
 
 class SpikingNet(nn.Module):
-    """What the networks share: T, direct encoding, weight init and spike_rate()."""
+    """What the networks share: T, the LIF options, input encoding, weight init, spike_rate()."""
 
     input_dims = 4   # [B, C, H, W]; the 1-D network takes [B, C, L]
 
-    def __init__(self, T: int):
+    def __init__(self, T: int, compile: bool, neuron: dict):
         super().__init__()
         if int(T) < 1:
             raise ValueError(f"T (timesteps) must be >= 1; got {T}.")
         self.T = int(T)
+        self.neuron = dict(neuron, compile=compile)   # the keyword arguments of every LIF
 
     def encode(self, x: Tensor, stem: nn.Module) -> Tensor:
         """Direct encoding: [B, C, H, W] images -> stem (conv + BN), once: its output is the same
@@ -254,8 +227,7 @@ class SpikingNet(nn.Module):
 
     def spike_rate(self) -> Tensor:
         """Fraction of LIF outputs that were spikes in the last forward, over all layers (total
-        spikes / total outputs): a 0-dim detached float32 tensor on the model's device, so no
-        host-device sync until you call .item()."""
+        spikes / total outputs): a 0-dim detached float32 tensor on the model's device."""
         lifs = [m for m in self.modules() if isinstance(m, LIF) and m.last_rate is not None]
         if not lifs:
             raise RuntimeError("spike_rate(): run a forward pass first.")
@@ -267,10 +239,8 @@ class SpikingNet(nn.Module):
 
 class BasicBlock(nn.Module):
     """Spiking residual block: conv-BN-LIF-conv-BN (+ shortcut) -LIF, on [T, B, C, H, W] spikes.
-
     The shortcut is the identity, or 1x1 conv + BN where the shape changes. The sum is taken
-    before the second LIF (as in tdBN and TET), so the block outputs binary spikes.
-    """
+    before the second LIF (as in tdBN and TET), so the block outputs binary spikes."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
         super().__init__()
@@ -286,15 +256,10 @@ class BasicBlock(nn.Module):
 
 
 class SEWBlock(BasicBlock):
-    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021), on [T, B, C, H, W]:
-
-        out = LIF(BN(conv(LIF(BN(conv(x)))))) + shortcut(x)
-
-    BasicBlock's layers with the sum after the second LIF. The shortcut is the identity, or 1x1
-    conv + BN + LIF where the shape changes (both addends are spikes, as in SEW's downsample
-    path). So the output is NOT binary but a sum of spikes: an integer in 0..k, k - 1 being the
-    number of blocks since the last spiking shortcut (a stage of n blocks outputs at most n + 1).
-    """
+    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021): BasicBlock's layers
+    with the sum after the second LIF. The shortcut is the identity, or 1x1 conv + BN + LIF where
+    the shape changes (both addends are spikes, as in SEW's downsample path). So the output is
+    NOT binary but a sum of spikes: an integer up to i + 2 at the i-th block (from 0) of a stage."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
         super().__init__(c_in, c_out, stride, neuron)
@@ -312,8 +277,8 @@ RESNET34_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))   # He et 
 
 
 def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> nn.Sequential:
-    """The blocks of a ResNet's stages, in one nn.Sequential (block(c_in, c_out, stride, neuron)):
-    each stage's first block takes the stage's stride and changes the width; the rest keep both."""
+    """The blocks of a ResNet's stages, in one nn.Sequential: each stage's first block takes the
+    stage's stride and changes the width; the rest keep both."""
     blocks = []
     for c_out, n, stride in stages:
         for i in range(n):
@@ -328,22 +293,19 @@ class SpikingResNet19(SpikingNet):
         3x3 conv 128 + BN + LIF                                          (stem, 1 layer)
         basic blocks 128 x3, 256 x3 (stride 2), 512 x2 (stride 2)       (16 layers)
         global average pool, FC 256 + BN + LIF, FC num_classes           (2 layers)
-    Choices: BN is plain BatchNorm over T*B (tdBN with scale 1, as in TET's code); the stem has
-    128 channels as in the paper (TET's code: 64, then a 1x1 projection); SpikingJelly's LIF
-    (tau 2, hard reset); the FC 256 is followed by BN like every conv (not in TET's code): without
-    it the pooled spikes times default-initialised weights stay far below threshold, and the
-    classifier starts from all-zero inputs. `classifier` (nn.Linear(256, num_classes)) reads the
-    binary spikes of the FC 256, so ||h_t||^2 is that step's spike count.
-    """
+    The stem has 128 channels as in the paper (TET's code: 64, then a 1x1 projection). The FC 256
+    is followed by BN like every conv (not in TET's code): without it the pooled spikes times
+    default-initialised weights stay far below threshold, and the classifier starts from all-zero
+    inputs. `classifier` reads binary spikes, so ||h_t||^2 is that step's spike count."""
 
-    def __init__(self, num_classes: int, T: int = 4, compile: bool = True, **neuron):
-        super().__init__(T)
-        neuron = dict(neuron, compile=compile)
+    def __init__(self, num_classes: int, T: int = 4, compile: bool = True,
+                 **neuron):
+        super().__init__(T, compile, neuron)
         self.stem = nn.Sequential(*conv_bn(3, 128))
-        self.lif0 = LIF(**neuron)
-        self.blocks = residual_stages(BasicBlock, 128, RESNET19_STAGES, neuron)
+        self.lif0 = LIF(**self.neuron)
+        self.blocks = residual_stages(BasicBlock, 128, RESNET19_STAGES, self.neuron)
         self.fc1 = MultiStep(nn.Linear(512, 256, bias=False), nn.BatchNorm1d(256))
-        self.lif_fc = LIF(**neuron)
+        self.lif_fc = LIF(**self.neuron)
         self.classifier = nn.Linear(256, num_classes)
         self.init_weights()
 
@@ -357,32 +319,25 @@ class SpikingResNet19(SpikingNet):
 
 class _ImageNetResNet(SpikingNet):
     """The ImageNet ResNet layout of SpikingResNet and SEWResNet, which set `block`:
-
-        7x7 conv 64 /2 + BN (direct encoding) + LIF, 3x3 max pool /2   [T, B, 64, H/4, W/4]
+        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2                     [T, B, 64, H/4, W/4]
         blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2                  [T, B, 512, H/32, W/32]
         global average pool, classifier nn.Linear(512, num_classes)    [T, B, num_classes]
-
     `stages` takes another depth in RESNET34_STAGES's format, e.g. ((64, 2, 1), (128, 2, 2),
-    (256, 2, 2), (512, 2, 2)) for ResNet-18. Parameters: 21,797,672 at 1000 classes (as
-    torchvision's resnet34: LIFs have none). Choices, for both: the project's LIF (tau 2, hard
-    reset to 0, ATan surrogate) instead of the IF neuron with detached reset of SEW's code;
-    BN over T*B (as SEW's and SpikingJelly's multi-step containers do); no zero-init of each
-    block's last BN; the stem runs once and is repeated over T (as in SEW's code); per-timestep
-    logits, whose mean over T is what SEW's code returns (it applies the affine FC to the mean).
-    """
+    (256, 2, 2), (512, 2, 2)) for ResNet-18. Unlike SEW's code: the project's LIF, not the IF
+    neuron with detached reset; no zero-init of each block's last BN; per-timestep logits, whose
+    mean over T is what SEW's code returns (it applies the affine FC to the mean)."""
 
     block: type[BasicBlock] = BasicBlock
 
-    def __init__(self, num_classes: int, T: int = 4, stages=RESNET34_STAGES, compile: bool = True,
-                 **neuron):
-        super().__init__(T)
+    def __init__(self, num_classes: int, T: int = 4, stages=RESNET34_STAGES,
+                 compile: bool = True, **neuron):
+        super().__init__(T, compile, neuron)
         if not stages or any(len(s) != 3 or s[1] < 1 for s in stages):
             raise ValueError(f"stages must be (width, blocks >= 1, stride) triples; got {stages}.")
-        neuron = dict(neuron, compile=compile)
         self.stem = nn.Sequential(*conv_bn(3, 64, 7, 2))
-        self.lif0 = LIF(**neuron)
+        self.lif0 = LIF(**self.neuron)
         self.pool = MultiStep(nn.MaxPool2d(3, 2, padding=1))   # max of spikes: still binary
-        self.blocks = residual_stages(self.block, 64, stages, neuron)
+        self.blocks = residual_stages(self.block, 64, stages, self.neuron)
         self.classifier = nn.Linear(stages[-1][0], num_classes)
         self.init_weights()
 
@@ -393,23 +348,18 @@ class _ImageNetResNet(SpikingNet):
 
 
 class SpikingResNet(_ImageNetResNet):
-    """Spiking ResNet-34: torchvision's ResNet-34 with every ReLU a LIF, the network tdBN (Zheng
-    et al., AAAI 2021) and TET (Deng et al., ICLR 2022) report as ResNet-34 on ImageNet, in the
-    layout of SEW ResNet's Spiking ResNet baseline and SpikingJelly's spiking_resnet34.
-    BasicBlocks: every block outputs binary spikes, and `classifier` reads their spatial mean,
-    in [0, 1] (binary when the last map is 1x1, as at 32x32).
-    """
+    """Spiking ResNet-34: torchvision's ResNet-34 with every ReLU a LIF, as tdBN and TET report on
+    ImageNet (SpikingJelly's spiking_resnet34). `classifier` reads the spatial mean of binary
+    spikes, in [0, 1] (binary when the last map is 1x1)."""
 
     block = BasicBlock
 
 
 class SEWResNet(_ImageNetResNet):
     """SEW-ResNet-34 with ADD (Fang et al., "Deep Residual Learning in Spiking Neural Networks",
-    NeurIPS 2021): the ResNet-34 layout with SEWBlocks, whose outputs are sums of spikes (up to
-    7 in the 256-wide stage, 4 at the last block). `classifier` reads their spatial mean:
-    non-negative, as spike-aware pruning's bounds need, but not in [0, 1], so ||h_t||^2 is no
-    spike count here. Only ADD, not SEW's AND and IAND connect functions.
-    """
+    NeurIPS 2021): the ResNet-34 layout with SEWBlocks, whose outputs are sums of spikes.
+    `classifier` reads their spatial mean: non-negative, as spike-aware pruning's bounds need,
+    but not in [0, 1], so ||h_t||^2 is no spike count here. Only ADD, not SEW's AND and IAND."""
 
     block = SEWBlock
 
@@ -421,26 +371,23 @@ CONVNET = (16, "M", 32, "M", 64)
 
 
 class SpikingVGG(SpikingNet):
-    """Spiking VGG: conv-BN-LIF layers and 2x2 max pools, then global average pool + classifier.
+    """Spiking VGG: conv-BN-LIF layers and 2x2 max pools (cfg: conv widths, "M" for a pool), then
+    global average pool + classifier, without the ImageNet VGG's 4096-wide FC layers (as usual
+    for CIFAR). Max pooling of spikes is a logical OR, so the maps stay binary; `classifier`
+    reads their spatial mean, in [0, 1] (binary when the last map is 1x1)."""
 
-    cfg lists conv widths and "M" for max pools (default VGG-11). Max pooling of spikes is a
-    logical OR, so the maps stay binary. Without the ImageNet VGG's two 4096-wide FC layers, as
-    usual for CIFAR. `classifier` reads the spatial mean of the last binary map: in [0, 1], and
-    binary when that map is 1x1 (VGG-11 on 32x32 inputs).
-    """
-
-    def __init__(self, num_classes: int, T: int = 4, cfg=VGG11, compile: bool = True, **neuron):
-        super().__init__(T)
-        neuron = dict(neuron, compile=compile)
+    def __init__(self, num_classes: int, T: int = 4, cfg=VGG11,
+                 compile: bool = True, **neuron):
+        super().__init__(T, compile, neuron)
         if not cfg or cfg[0] == "M":
             raise ValueError(f"cfg must start with a conv width; got {cfg}.")
         self.stem = nn.Sequential(*conv_bn(3, cfg[0]))
-        layers, c_in = [LIF(**neuron)], cfg[0]
+        layers, c_in = [LIF(**self.neuron)], cfg[0]
         for c in cfg[1:]:
             if c == "M":
                 layers.append(MultiStep(nn.MaxPool2d(2)))
             else:
-                layers += [MultiStep(*conv_bn(c_in, c)), LIF(**neuron)]
+                layers += [MultiStep(*conv_bn(c_in, c)), LIF(**self.neuron)]
                 c_in = c
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c_in, num_classes)
@@ -452,31 +399,20 @@ class SpikingVGG(SpikingNet):
 
 
 class SpikingConv1d(SpikingNet):
-    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]):
-
-        Conv1d 1->32 k5 + BN + LIF                         [T, B, 32, 40]
-        Conv1d 32->32 k3 stride 2 + BN + LIF, twice        [T, B, 32, 10]
-        flatten, classifier                                [T, B, 320] -> [T, B, num_classes]
-
-    The head reads the last layer's binary spikes, so ||h_t||^2 is exactly that step's spike
-    count: the case the spike-aware score is derived for.
-    """
+    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]): Conv1d k5, then two Conv1d
+    k3 stride 2, each + BN + LIF; `classifier` reads the flattened binary spikes, so ||h_t||^2 is
+    exactly that step's spike count: the case the spike-aware score is derived for."""
 
     input_dims = 3
 
     def __init__(self, num_classes: int, T: int = 4, length: int = 40, in_channels: int = 1,
                  width: int = 32, compile: bool = True, **neuron):
-        super().__init__(T)
-        neuron = dict(neuron, compile=compile)
-
-        def conv_bn_1d(c_in, c_out, k, stride=1):
-            return [nn.Conv1d(c_in, c_out, k, stride, padding=k // 2, bias=False), nn.BatchNorm1d(c_out)]
-
-        self.stem = nn.Sequential(*conv_bn_1d(in_channels, width, 5))
+        super().__init__(T, compile, neuron)
+        self.stem = nn.Sequential(*conv_bn(in_channels, width, 5, dims=1))
         self.features = nn.Sequential(
-            LIF(**neuron),
-            MultiStep(*conv_bn_1d(width, width, 3, 2)), LIF(**neuron),
-            MultiStep(*conv_bn_1d(width, width, 3, 2)), LIF(**neuron))
+            LIF(**self.neuron),
+            MultiStep(*conv_bn(width, width, 3, 2, dims=1)), LIF(**self.neuron),
+            MultiStep(*conv_bn(width, width, 3, 2, dims=1)), LIF(**self.neuron))
         out_length = ((length + 1) // 2 + 1) // 2          # after the two stride-2 convs
         self.classifier = nn.Linear(width * out_length, num_classes)
         self.init_weights()
@@ -500,8 +436,8 @@ MODELS = tuple(_BUILDERS)
 
 
 def build_model(name: str, num_classes: int, T: int = 4, compile: bool = True, **kw) -> nn.Module:
-    """Builds a network by name (one of MODELS). kw: LIF options (tau, v_threshold, v_reset,
-    surrogate, alpha, detach_reset) and, for vgg11, cfg; for the ResNet-34s, stages."""
+    """Builds a network by name (one of MODELS). kw: LIF options (tau, v_threshold, v_reset, surrogate,
+    alpha, detach_reset) and, for vgg11, cfg; for the ResNet-34s, stages."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
@@ -519,12 +455,9 @@ _HALVINGS["sew_resnet34"] = _HALVINGS["spiking_resnet34"]
 
 
 def min_image_size(name: str) -> int:
-    """The smallest side (pixels) of the square images network `name` takes: the smallest at which
-    each of its stride-2 layers (pools, strided convs) halves a map of at least 2 pixels. One
-    pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run a strided
-    conv on a 1x1 map, where its kernel sees padding but for the centre; far below, their
-    training was seen to diverge to NaN. conv1d takes 1-D signals of the length it was built
-    for, not images: ValueError, as for an unknown name."""
+    """The smallest side (pixels) of the square images that network `name` takes: each of its stride-2 layers (pools, strided convs) then halves a map of at least
+    2 pixels. One pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run
+    a strided conv on a 1x1 map, where its kernel sees only padding but for the centre."""
     if name not in _HALVINGS:
         raise ValueError(f"{name!r} takes no images; the image networks are {', '.join(_HALVINGS)}.")
     # From n pixels a stride-2 layer makes (n + 2 padding - kernel) // 2 + 1, so m pixels out need
