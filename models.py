@@ -4,8 +4,8 @@ spiking and SEW), a spiking VGG-11 and its small "convnet", and a 1-D ConvNet fo
 
 Activations are time-first, [T, B, ...], as in SpikingJelly's multi-step mode. Only the neuron
 loops over T; stateless layers (conv, BN, pooling) run once on the merged [T*B, ...] tensor.
-Input encoding is direct: the image passes the first conv + BN once, and the result feeds the
-first LIF at every step.
+A network takes either a static input [B, C, H, W], which the first conv + BN encode once for
+every step (direct encoding), or one input per step [B, T, C, H, W] (event-camera frames).
 It returns per-timestep logits [T, B, num_classes] (for per-timestep losses such as TET's), and
 its last layer, `model.classifier`, is an nn.Linear on [T, B, D] whose non-negative input
 (spikes, their spatial mean, or SEW's sums of spikes) spike-aware data pruning reads with a hook.
@@ -208,14 +208,20 @@ class SpikingNet(nn.Module):
         self.neuron = dict(neuron, compile=compile)   # the keyword arguments of every LIF
 
     def encode(self, x: Tensor, stem: nn.Module) -> Tensor:
-        """Direct encoding: [B, C, H, W] images -> stem (conv + BN), once: its output is the same
-        at every step -> repeated to [T, B, ...]."""
-        if x.dim() != self.input_dims:
-            layout = "images shaped [B, C, H, W]" if self.input_dims == 4 else "signals shaped [B, C, L]"
-            raise ValueError(f"{type(self).__name__} expects {layout}; got "
-                             f"{list(x.shape)}. Time is added inside the model (T={self.T}).")
-        x = stem(x)
-        return x.unsqueeze(0).expand(self.T, *x.shape)
+        """The stem's output at every step, [T, B, ...]: a static input [B, C, ...] passes the stem
+        once, repeated over T (direct encoding); a sequence [B, T, C, ...] passes it step by step."""
+        if x.dim() == self.input_dims:
+            x = stem(x)
+            return x.unsqueeze(0).expand(self.T, *x.shape)
+        dims = "C, H, W" if self.input_dims == 4 else "C, L"
+        if x.dim() != self.input_dims + 1:
+            raise ValueError(f"{type(self).__name__} expects static inputs shaped [B, {dims}] or "
+                             f"sequences shaped [B, T, {dims}] (T={self.T}); got {list(x.shape)}.")
+        if x.shape[1] != self.T:
+            raise ValueError(f"{type(self).__name__} got a sequence of {x.shape[1]} steps [B, T, "
+                             f"{dims}] but was built for T={self.T}; build it with T={x.shape[1]}.")
+        # to time-major rows (t * B + b), as MultiStep merges them
+        return stem(x.transpose(0, 1).flatten(0, 1)).unflatten(0, (self.T, len(x)))
 
     def init_weights(self) -> None:
         for m in self.modules():
@@ -298,10 +304,10 @@ class SpikingResNet19(SpikingNet):
     default-initialised weights stay far below threshold, and the classifier starts from all-zero
     inputs. `classifier` reads binary spikes, so ||h_t||^2 is that step's spike count."""
 
-    def __init__(self, num_classes: int, T: int = 4, compile: bool = True,
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, compile: bool = True,
                  **neuron):
         super().__init__(T, compile, neuron)
-        self.stem = nn.Sequential(*conv_bn(3, 128))
+        self.stem = nn.Sequential(*conv_bn(in_channels, 128))
         self.lif0 = LIF(**self.neuron)
         self.blocks = residual_stages(BasicBlock, 128, RESNET19_STAGES, self.neuron)
         self.fc1 = MultiStep(nn.Linear(512, 256, bias=False), nn.BatchNorm1d(256))
@@ -329,12 +335,12 @@ class _ImageNetResNet(SpikingNet):
 
     block: type[BasicBlock] = BasicBlock
 
-    def __init__(self, num_classes: int, T: int = 4, stages=RESNET34_STAGES,
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, stages=RESNET34_STAGES,
                  compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
         if not stages or any(len(s) != 3 or s[1] < 1 for s in stages):
             raise ValueError(f"stages must be (width, blocks >= 1, stride) triples; got {stages}.")
-        self.stem = nn.Sequential(*conv_bn(3, 64, 7, 2))
+        self.stem = nn.Sequential(*conv_bn(in_channels, 64, 7, 2))
         self.lif0 = LIF(**self.neuron)
         self.pool = MultiStep(nn.MaxPool2d(3, 2, padding=1))   # max of spikes: still binary
         self.blocks = residual_stages(self.block, 64, stages, self.neuron)
@@ -376,12 +382,12 @@ class SpikingVGG(SpikingNet):
     for CIFAR). Max pooling of spikes is a logical OR, so the maps stay binary; `classifier`
     reads their spatial mean, in [0, 1] (binary when the last map is 1x1)."""
 
-    def __init__(self, num_classes: int, T: int = 4, cfg=VGG11,
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, cfg=VGG11,
                  compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
         if not cfg or cfg[0] == "M":
             raise ValueError(f"cfg must start with a conv width; got {cfg}.")
-        self.stem = nn.Sequential(*conv_bn(3, cfg[0]))
+        self.stem = nn.Sequential(*conv_bn(in_channels, cfg[0]))
         layers, c_in = [LIF(**self.neuron)], cfg[0]
         for c in cfg[1:]:
             if c == "M":
@@ -435,11 +441,15 @@ _BUILDERS = {
 MODELS = tuple(_BUILDERS)
 
 
-def build_model(name: str, num_classes: int, T: int = 4, compile: bool = True, **kw) -> nn.Module:
-    """Builds a network by name (one of MODELS). kw: LIF options (tau, v_threshold, v_reset, surrogate,
+def build_model(name: str, num_classes: int, T: int = 4, in_channels: int | None = None,
+                compile: bool = True, **kw) -> nn.Module:
+    """Builds a network by name (one of MODELS). in_channels: the input's channels (None: 3 for
+    the image networks, 1 for conv1d). kw: LIF options (tau, v_threshold, v_reset, surrogate,
     alpha, detach_reset) and, for vgg11, cfg; for the ResNet-34s, stages."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
+    if in_channels is not None:
+        kw["in_channels"] = in_channels
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
 
 
@@ -455,7 +465,8 @@ _HALVINGS["sew_resnet34"] = _HALVINGS["spiking_resnet34"]
 
 
 def min_image_size(name: str) -> int:
-    """The smallest side (pixels) of the square images that network `name` takes: each of its stride-2 layers (pools, strided convs) then halves a map of at least
+    """The smallest side (pixels) of the square images, of any number of channels, that network
+    `name` takes: each of its stride-2 layers (pools, strided convs) then halves a map of at least
     2 pixels. One pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run
     a strided conv on a 1x1 map, where its kernel sees only padding but for the centre."""
     if name not in _HALVINGS:

@@ -252,7 +252,7 @@ def test_direct_encoding_runs_stem_once():
     assert first.shape[:2] == (3, 4)
     assert torch.equal(first[0], first[1]) and torch.equal(first[0], first[2])
     with pytest.raises(ValueError):
-        model(torch.randn(3, 4, 3, 8, 8))                # time is added by the model
+        model(torch.randn(3, 4, 3, 8, 8))                # a sequence of 4 steps, but T = 3
 
 
 def test_build_model():
@@ -277,6 +277,81 @@ def test_build_model():
         model.spike_rate()                               # no forward yet
     with pytest.raises(ValueError):
         build_model("sew_resnet34", 10, stages=())
+
+
+# ---------------------------------------------------------------------------------------------
+# One input per timestep (event-camera frames, [B, T, 2, H, W])
+# ---------------------------------------------------------------------------------------------
+
+SEQUENCE_NETS = ["vgg11", "resnet19", "sew_resnet34"]
+
+
+def calibrated_eval(model, x):
+    """The model in eval mode, its BN statistics those of x: BN then treats every row alone (no
+    coupling of steps through batch statistics), while the layers fire as in training."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None                            # running statistics := the batch's
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", SEQUENCE_NETS)
+def test_sequence_input_gives_logits_and_gradients(name):
+    torch.manual_seed(0)
+    T, B, C = 3, 2, 5
+    side = max(8, models.min_image_size(name))           # the smallest side, at 2 channels too
+    model = build_model(name, num_classes=C, T=T, in_channels=2, compile=False)
+    stem_rows = []
+    model.stem.register_forward_hook(lambda m, a, out: stem_rows.append(a[0].shape[0]))
+    out = model(torch.rand(B, T, 2, side, side) * 4)     # event counts per polarity
+    assert out.shape == (T, B, C) and out.mean(0).shape == (B, C)
+    assert stem_rows == [T * B]                          # the stem runs on every step
+    F.cross_entropy(out.mean(0), torch.arange(B) % C).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert model.stem[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", SEQUENCE_NETS)
+def test_each_step_of_a_sequence_drives_its_own_and_later_outputs(name):
+    """Changing frame t changes the logits from step t on (the last frame: the last step's) and
+    leaves the earlier steps as they were: the steps are neither collapsed nor shifted. (Not
+    always step t itself: a deep network's head can still be silent at the first steps.)"""
+    torch.manual_seed(0)
+    T, B = 3, 2
+    side = models.min_image_size(name)
+    x = torch.rand(B, T, 2, side, side) * 4
+    model = calibrated_eval(build_model(name, num_classes=5, T=T, in_channels=2, compile=False), x)
+    with torch.no_grad():
+        base = model(x)
+        for t in range(T):
+            x2 = x.clone()
+            x2[:, t] = torch.rand(B, 2, side, side) * 4
+            out = model(x2)
+            assert torch.equal(out[:t], base[:t]), t
+            assert not torch.equal(out[t:], base[t:]), t
+
+
+def test_a_sequence_of_one_repeated_frame_is_direct_encoding():
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=5, T=3, in_channels=2, compile=False)
+    x = torch.rand(4, 2, 8, 8) * 4
+    static = model(x)
+    assert static.shape == (3, 4, 5)
+    torch.testing.assert_close(model(x.unsqueeze(1).expand(4, 3, 2, 8, 8)), static)
+
+
+def test_sequence_of_another_length_or_wrong_rank_is_refused():
+    model = build_model("convnet", num_classes=5, T=4, in_channels=2, compile=False)
+    with pytest.raises(ValueError, match=r"3 steps.*T=4"):
+        model(torch.rand(2, 3, 2, 8, 8))
+    for shape in [(2, 8, 8), (1, 2, 4, 2, 8, 8)]:
+        with pytest.raises(ValueError, match=r"\[B, C, H, W\] or sequences shaped \[B, T, C, H, W\]"):
+            model(torch.rand(shape))
+    with pytest.raises(ValueError, match=r"\[B, C, L\]"):
+        build_model("conv1d", num_classes=5, T=4, compile=False)(torch.rand(2, 40))
 
 
 @pytest.mark.parametrize("name", [name for name in MODELS if name != "conv1d"])

@@ -96,15 +96,16 @@ def conv1d_net(T):
 
 
 @pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("net", ["tapnet-conv", "conv1d"])
+@pytest.mark.parametrize("net", ["tapnet-conv", "conv1d", "conv1d-sequence"])
 def test_network_bound_dominates_each_layers_per_example_gradient(net, T):
     """S_l >= ||dl_b/d(W_l, b_l)|| for every layer and example, and S_net >= the norm over all of
     them, with non-uniform weights w (so the w_b / B the backward pass carries must be divided
     out exactly). Shown to catch: multiplying by w_b / B instead of dividing, and dividing by
     w_b alone (off by B); both fail at every layer. (c_l and the bias's P are too loose to show
-    here: the constant-input test below catches those.)"""
+    here: the constant-input test below catches those.) conv1d-sequence: one input per step,
+    so the stem runs on the merged [T*B, ...] rows."""
     model = TapNet(T, conv=True) if net == "tapnet-conv" else conv1d_net(T)
-    shape = (2, 5, 5) if net == "tapnet-conv" else (1, 40)
+    shape = {"tapnet-conv": (2, 5, 5), "conv1d": (1, 40), "conv1d-sequence": (T, 1, 40)}[net]
     x, y, w = spiking_inputs(model, 6, shape, seed=T)
     bounds, _ = network_bounds(model, x, y, w, T)
     truth = per_example_layer_norms(model, x, y)
