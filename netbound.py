@@ -1,15 +1,12 @@
 """The whole-network bound: each example's gradient norm over every conv and linear weight.
 
-sadp.py scores an example by a bound on its gradient at the classifier head, read off the
-forward pass. `NetworkTap` extends the bound to every Conv1d/2d/3d and Linear layer, reading
-one norm per example and layer off the backward pass that training runs anyway:
+sadp.py bounds an example's gradient at the classifier head; `NetworkTap` extends the bound to
+every Conv1d/2d/3d and Linear layer, off the backward pass training runs (train.py --score network):
 
     tap = NetworkTap(model, T=4)
     loss, _ = spike_aware_loss(outputs, y, head_inputs, w)
     loss.backward()
     scores = tap.pop(w)                 # [B], in place of the head's scores
-
-train.py uses it with `--score network`. It needs torch only, like sadp.py.
 """
 
 from __future__ import annotations
@@ -36,25 +33,19 @@ class NetworkTap:
     lies in at most c_l patches, so sum_p ||patch_p||^2 <= c_l n_t. The layers' parameter
     blocks are disjoint, so their squared norms add. For the head, S_l is the head bound.
 
-    The hooks. A forward hook records ||a|| per input row; a hook on the layer's output records
-    ||delta|| per row when the backward pass reaches it: no extra pass, one norm per example
-    per step. A layer may be called once on [B, ...] (the stem of direct encoding: applied once
-    and repeated over T, so its delta already sums the T steps and it has one term), on the
-    merged time-major [T*B, ...] (MultiStep), on [T, B, D] (a Linear head), or several times
-    (a step-by-step loop: the calls add, as the steps do). Forwards without grad are ignored,
-    and the records of a step whose backward ran but was never popped are dropped.
-    Rows are read as time-major (t * B + b); a Linear on token inputs [B, P, D] is not supported.
+    The hooks. A forward hook records ||a|| per input row, a hook on the output ||delta|| per row
+    in the backward pass: one norm per example per step, no extra pass. A layer may run on [B, ...]
+    once (a stem whose output repeats over T: its delta sums the T steps), on time-major [T*B, ...]
+    rows (MultiStep, a stem run on every step), on [T, B, D] (a Linear head), or several times (the
+    calls add, as steps do); not on tokens [B, P, D]. Forwards without grad are ignored, and the
+    records of a step never popped are dropped.
 
     The contract: the backward pass computes delta of the minibatch loss L = (1/B) sum_b w_b l_b,
     which is (w_b / B) delta_b; `pop(w)` divides that out, so S scores the unweighted l_b.
     Pass the very weights the loss used; with a GradScaler, divide the scores by the scale.
-    Caveats: BatchNorm parameters are not covered (their gradient is left out of S_net);
-    BatchNorm in training mode couples the examples of a batch, so delta_b is then not exactly
-    example b's own gradient and the bound is exact only with BN in eval mode (or without BN). Hooks are on conv/linear modules only, so a compiled LIF
-    is untouched; compiling the whole model with the tap attached is not supported.
-
-    How it compares with the head bound (rank correlation with the true norm, variance, cost
-    per step): docs/results.md, measured by `python bench.py --only netbound`.
+    Caveats: BN parameters are not covered, and BN in training mode couples a batch's examples, so
+    the bound holds exactly only with BN in eval mode (or no BN). A compiled LIF is untouched (the
+    hooks are on conv/linear modules); compiling the whole model with the tap is not supported.
     """
 
     LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -74,9 +65,7 @@ class NetworkTap:
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return                                       # evaluation: no backward will come
             linear = isinstance(module, nn.Linear)
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]) if linear else x.flatten(1)   # [rows, features]
-            call = {"name": name, "a": _row_norms(x),                       # ||a|| = sqrt(n) per row
+            call = {"name": name, "a": _row_norms(args[0], linear),        # ||a|| = sqrt(n) per row
                     "c": 1 if linear else _patches_per_input(module),
                     "P": 1 if linear else math.prod(output.shape[2:]),
                     "bias": module.bias is not None, "d": None}
@@ -85,8 +74,7 @@ class NetworkTap:
             self._calls.append(call)
 
             def record_delta(grad: Tensor) -> None:          # grad = dL/du, the layer's output
-                g = grad.detach()
-                call["d"] = _row_norms(g.reshape(-1, g.shape[-1]) if linear else g.flatten(1))
+                call["d"] = _row_norms(grad, linear)
             output.register_hook(record_delta)
         return record
 
@@ -109,31 +97,29 @@ class NetworkTap:
         for c in calls:
             rows = c["a"].numel()
             if rows not in (B, self.T * B):
-                raise RuntimeError(f"NetworkTap: layer {c['name']!r} saw {rows} rows, which is neither "
-                                   f"B = {B} nor T*B = {self.T * B}; pass the loss's weights for this "
-                                   f"batch, and the model's T.")
+                raise RuntimeError(f"NetworkTap: layer {c['name']!r} saw {rows} rows, neither B = {B} "
+                                   f"nor T*B = {self.T * B}; pass this batch's weights, the model's T.")
             term = c["d"] * (c["c"] * c["a"].square() + (c["P"] if c["bias"] else 0)).sqrt()
             S = term.reshape(-1, B).sum(0)                   # time-major rows: sum over t
             bounds[c["name"]] = bounds.get(c["name"], 0) + S.to(w.device) * (B / w)   # undo w_b / B
-        if per_layer:
-            return bounds
-        return torch.stack(list(bounds.values())).square().sum(0).sqrt()
+        return bounds if per_layer else torch.stack(list(bounds.values())).square().sum(0).sqrt()
 
     def remove(self) -> None:
-        """Detach the hooks."""
         for h in self._handles:
             h.remove()
         self._handles, self._calls = [], []
 
 
-def _row_norms(x: Tensor) -> Tensor:
-    """||x_r|| per row of [rows, features], accumulated in at least float32 (bf16 autocast)."""
+def _row_norms(x: Tensor, linear: bool) -> Tensor:
+    """||x_r|| per row (a Linear's rows: all but the last dim; a conv's: the first dim),
+    accumulated in at least float32 (bf16 autocast)."""
+    x = x.detach()
+    x = x.reshape(-1, x.shape[-1]) if linear else x.flatten(1)
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _patches_per_input(conv: nn.Module) -> int:
-    """c = the most output positions one input element feeds: ceil(k / s) per dimension
-    (with dilation d, ceil(k gcd(s, d) / s): the taps that land on one element are s / gcd
-    apart in the kernel)."""
+    """c = the most output positions one input element feeds: ceil(k gcd(s, d) / s) per dimension
+    (kernel k, stride s, dilation d: the taps that land on one element are s / gcd apart)."""
     return math.prod(-(-k * math.gcd(s, d) // s)
                      for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation))
