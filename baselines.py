@@ -1,17 +1,12 @@
-"""The baselines SADP is compared with, behind SADP's own interface.
-
-Every method is a sampler and a loss-and-score function:
+"""The baselines SADP is compared with, behind SADP's own interface. Every method is a sampler
+and a loss-and-score function, used exactly as `sadp.SADPSampler` and `sadp.spike_aware_loss`,
 
     sampler.set_epoch(epoch); list(sampler); sampler.weights(idx); sampler.update(idx, scores)
     loss, scores = loss_fn(outputs, targets, head_inputs, weights)
 
-exactly as `sadp.SADPSampler` and `sadp.spike_aware_loss`, so a training loop picks a method
-once and runs every method the same way (train.py's `make_method`).
-
-- uniform: a plain random subset of m = round((1 - r) N) examples per epoch, all weights 1.
-- ann: importance sampling with SADP's sampler, scored by ||dl/dz||, the logit-gradient bound
-  of Katharopoulos & Fleuret (ICML 2018) as written for ANNs: blind to the spikes.
-- infobatch: InfoBatch (Qin et al., ICLR 2024), scored by the loss itself.
+so a training loop picks a method once and runs every method the same way (train.py's
+`make_method`): uniform (uniform_sampler), ann (SADP's sampler, scored by the ANN bound of
+baseline_loss) and infobatch (InfoBatchSampler, scored by the loss).
 """
 
 from __future__ import annotations
@@ -33,10 +28,9 @@ def uniform_sampler(num_examples: int, ratio: float, **kw) -> SADPSampler:
 def baseline_loss(outputs: Tensor, targets: Tensor, head_inputs: Tensor | None = None,
                   weights: Tensor | None = None, *, kind: str, per_timestep: bool = False,
                   label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-    """The same loss as `sadp.spike_aware_loss`, scored by a spike-blind baseline instead.
-
-    head_inputs is accepted for the common interface and not used.
-    kind="ann":  ||dl/dz||, computed as sqrt(T sum_t ||g_t||^2): exactly ||softmax(z) - q||
+    """The same loss as `sadp.spike_aware_loss` (head_inputs unused), scored spike-blind:
+    kind="ann":  ||dl/dz||, the logit-gradient bound of Katharopoulos & Fleuret (ICML 2018) as
+                 written for ANNs, computed as sqrt(T sum_t ||g_t||^2): exactly ||softmax(z) - q||
                  for the rate readout, the RMS over t of ||softmax(o_t) - q|| per timestep.
     kind="loss": the unweighted loss l itself (the score InfoBatch prunes by).
     """
