@@ -7,12 +7,13 @@
 
 CIFAR-10/100 (official python versions), "synthetic" (`make_synthetic`): uint8 [N, 3, 32, 32];
 "mnist1d": float32 [N, 1, 40]; labels int64 [N]. Acquisition (second half): unpickling runs
-code, so nothing is unpickled unless its bytes match the official MD5 (`SOURCES`); labels are
-range-checked; downloads and extraction are renamed into place only when complete.
+code, so nothing is unpickled unless its bytes match the official MD5 (`SOURCES`); downloads
+and extraction are renamed into place only when complete. Labels are range-checked on load.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -45,13 +46,34 @@ class ChecksumError(DataError):
     """A file's MD5 differs from the expected one; the file was not used."""
 
 
-class ArrayDataset(NamedTuple):
-    """A whole data set in memory: inputs (uint8 images, or float signals) and int64 labels."""
+def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
+    """DataError naming `source` and a label outside [0, num_classes). Every data set is checked
+    once, when it is loaded: the training loss does not check its targets on the device."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise DataError(f"{source}: labels outside [0, {num_classes}), e.g. {int(labels[first])} at "
+                        f"index {first} ({int(bad.sum())} in all); labels are class indices "
+                        f"0 .. {num_classes - 1}.")
+
+
+class _Arrays(NamedTuple):
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+
+
+class ArrayDataset(_Arrays):
+    """A whole data set in memory: inputs (uint8 images, or float signals) and int64 labels,
+    checked on construction whoever builds it; `source` names it in the error."""
+    __slots__ = ()
+
+    def __new__(cls, x_train, y_train, x_test, y_test, num_classes, *, source="in-memory arrays"):
+        check_labels(y_train, num_classes, f"{source} (training labels)")
+        check_labels(y_test, num_classes, f"{source} (test labels)")
+        return super().__new__(cls, x_train, y_train, x_test, y_test, num_classes)
 
 
 # Per-channel (mean, std) of the training images scaled to [0, 1]: CIFAR's usual values; for
@@ -134,10 +156,17 @@ def mnist1d_mismatch(d: dict) -> str | None:
 
 def load_mnist1d() -> ArrayDataset:
     """MNIST-1D (Greydanus, 2020): 10 classes of 1-D signals of length 40, 4000 train / 1000 test,
-    far from saturated (published: logistic regression 32%, MLP 68%, GRU 91%, CNN 94%). The
-    optional `mnist1d` package generates it offline with its default arguments (its network-first
-    `get_dataset` is not used); a set that does not match the published one's fingerprint warns.
-    Signals come standardised: float32 [N, 1, 40], int64 labels."""
+    standardised: float32 [N, 1, 40], int64 labels. Generated once per process; each call returns
+    its own copy, so that a caller changing its tensors in place cannot change the next's."""
+    x_train, y_train, x_test, y_test, num_classes = _generate_mnist1d()
+    return ArrayDataset(x_train.clone(), y_train.clone(), x_test.clone(), y_test.clone(), num_classes,
+                        source="mnist1d")
+
+
+@functools.lru_cache(maxsize=1)
+def _generate_mnist1d() -> ArrayDataset:
+    """The optional `mnist1d` package generates the set offline with its default arguments (its
+    network-first `get_dataset` is not used); a set that differs from the published one warns."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:
@@ -149,7 +178,8 @@ def load_mnist1d() -> ArrayDataset:
                       f"accuracies will not be comparable with published or this project's figures.")
     signals = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32)).unsqueeze(1)   # [N, 1, 40]
     labels = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))
-    return ArrayDataset(signals(d["x"]), labels(d["y"]), signals(d["x_test"]), labels(d["y_test"]), 10)
+    return ArrayDataset(signals(d["x"]), labels(d["y"]), signals(d["x_test"]), labels(d["y_test"]), 10,
+                        source="mnist1d")
 
 
 # -- Synthetic data ---------------------------------------------------------------------------
@@ -172,7 +202,7 @@ def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: in
     templates = _templates(num_classes, gen(0))
     x_train, y_train = _sample(templates, num_train, gen(1), label_noise)
     x_test, y_test = _sample(templates, num_test, gen(2), 0.0)
-    return ArrayDataset(x_train, y_train, x_test, y_test, num_classes)
+    return ArrayDataset(x_train, y_train, x_test, y_test, num_classes, source="synthetic")
 
 
 _COLOUR = 0.8               # weight of the hue in a template; the texture's is sqrt(1 - 0.8 ** 2)
@@ -365,7 +395,7 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     for files in (source.train_files, source.test_files):
         parts = [_read_batch(folder / name, md5, source, data_dir) for name, md5 in files]
         splits += [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1)]
-    return ArrayDataset(*splits, source.num_classes)
+    return ArrayDataset(*splits, source.num_classes, source=str(folder))
 
 
 def _check_writable(data_dir: Path, source: Source) -> None:
@@ -415,8 +445,6 @@ def _read_batch(path: Path, md5: str, source: Source, data_dir: Path) -> tuple[n
         raise DataError(f"{path} passed its checksum but is not a CIFAR batch ({e})") from e
     if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
         raise DataError(f"{path}: expected data [n, 3072] and n labels; got {x.shape} and {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() >= source.num_classes):
-        raise DataError(f"{path}: labels outside [0, {source.num_classes})")
     # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
     return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), y
 

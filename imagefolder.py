@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data import DataError, Normalizer
+from data import DataError, Normalizer, check_labels
 
 # torchvision's list, compared case-insensitively: the files the layout scan takes as images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -405,6 +405,8 @@ class FolderSource:
                  rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True,
                  decoder: str = "auto"):
         require_pillow()
+        for split in (folder.train, folder.val):      # a Folder made by hand, not by scan()
+            check_labels(split.labels, len(folder.classes), split.root)
         self.decoder = resolve_decoder(decoder)
         self.folder, self.device, self.rank = folder, torch.device(device), rank
         self.skip_corrupt = skip_corrupt
