@@ -172,8 +172,6 @@ def _generate_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return signals(d["x"]), labels(d["y"]), signals(d["x_test"]), labels(d["y_test"])
 
 
-# -- Synthetic data ---------------------------------------------------------------------------
-
 def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 10, *,
                    seed: int = 0, label_noise: float = 0.02) -> ArrayDataset:
     """A learnable, CIFAR-shaped data set whose examples differ in difficulty; needs no files.
@@ -206,9 +204,7 @@ _CHUNK = 1024               # examples generated at once: they stay in the CPU c
 
 def _templates(k: int, g: torch.Generator) -> Tensor:
     """[k, 2 (plain, mirrored), 3, 32 * 32] class templates of unit RMS."""
-    fy = torch.fft.fftfreq(32, 1 / 32).view(32, 1)
-    fx = torch.fft.rfftfreq(32, 1 / 32).view(1, 17)
-    radius = (fy ** 2 + fx ** 2).sqrt()
+    radius = (torch.fft.fftfreq(32, 1 / 32).view(32, 1) ** 2 + torch.fft.rfftfreq(32, 1 / 32) ** 2).sqrt()
     band = ((radius >= 2) & (radius <= 5)).to(torch.float32)
 
     def texture(m: int) -> Tensor:
@@ -258,8 +254,6 @@ def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -
         y = torch.where(moved, (y + torch.randint(1, k, (n,), generator=g)) % k, y)
     return x, y
 
-
-# -- Augmentation and normalisation -----------------------------------------------------------
 
 def augment_params(n: int, *, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None,
                    device=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -319,8 +313,6 @@ class Normalizer:
         return out.sub_(self.shift)
 
 
-# -- CIFAR: download, verify, extract, decode -------------------------------------------------
-
 @dataclass(frozen=True)
 class Source:
     """Where a CIFAR data set comes from and what its files must hash to (MD5 hex digests)."""
@@ -363,22 +355,19 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     if not folder.is_dir():
         if not (download or archive.is_file()):
             raise DataError(f"{source.name} is not in {data_dir} and download=False.\n{by_hand}")
-        try:                                          # fail before the download, not after it
-            data_dir.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=data_dir).close()
-        except OSError as e:
-            raise DataError(f"--data-dir {data_dir} is not a folder this process can write "
-                            f"({e.strerror or e}); choose another --data-dir.\n{by_hand}") from e
-        if archive.is_file():
-            _check_md5(hashlib.md5(archive.read_bytes()).hexdigest(), source.archive_md5, archive,
-                       f"so it was not extracted (a partial or altered download?). Delete it and run again "
-                       f"to download it afresh, or replace it by hand with the official one from {source.url}.")
-        else:
-            try:
+        try:
+            if archive.is_file():
+                _check_md5(hashlib.md5(archive.read_bytes()).hexdigest(), source.archive_md5, archive,
+                           "so it was not extracted (a partial or altered download?). Delete it and "
+                           "run again to download it afresh.")
+            else:
                 download_file(source.url, archive, source.archive_md5)
-            except DataError as e:
-                raise type(e)(f"{e}\n{by_hand}") from e
-        extract_archive(archive, data_dir, source.folder)
+            extract_archive(archive, data_dir, source.folder)
+        except DataError as e:
+            raise type(e)(f"{e}\n{by_hand}") from e
+        except OSError as e:            # making data_dir or a temporary file in it: before any download
+            raise DataError(f"cannot read or write in --data-dir {data_dir} ({e}); check its "
+                            f"permissions, or choose another --data-dir.\n{by_hand}") from e
     splits = []
     for files in (source.train_files, source.test_files):
         parts = [_read_batch(folder / name, md5, source, by_hand) for name, md5 in files]
@@ -387,12 +376,10 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
 
 
 def _by_hand(source: Source, data_dir: Path) -> str:
-    names = ", ".join(n for n, _ in source.files)
-    return (f"To set up {source.name} by hand: on a machine with internet access download\n    "
-            f"{source.url}\nand copy it, unchanged, to\n    {data_dir / source.archive}    (MD5 "
-            f"{source.archive_md5})\nor extract it so that {data_dir / source.folder}/ holds {names}.\n"
-            f"Then run again: the files are verified and used without a download. The synthetic "
-            f"data set needs no files at all.")
+    return (f"To set up {source.name} by hand, download\n    {source.url}\non a machine with internet "
+            f"access and copy it unchanged to\n    {data_dir / source.archive}    (MD5 {source.archive_md5})\n"
+            f"or extract it so that {data_dir / source.folder}/ holds {', '.join(n for n, _ in source.files)}; "
+            f"then run again. The synthetic data set needs no files.")
 
 
 def _check_md5(actual: str, md5: str, what, advice: str) -> None:
@@ -456,18 +443,13 @@ def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, fol
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{folder}.", suffix=".extract"))
     try:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for member in tar:
-                    target = tmp.joinpath(*_safe_parts(member, archive))
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                target = tmp.joinpath(*_safe_parts(member, archive))
+                if member.isfile():             # its folders are made for it
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    if member.isdir():
-                        target.mkdir(exist_ok=True)
-                    else:
-                        with tar.extractfile(member) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
+                    with tar.extractfile(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
         if not (tmp / folder).is_dir():
             raise DataError(f"{archive} has no top-level folder {folder}/; is it the right archive?")
         try:
@@ -475,6 +457,8 @@ def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, fol
         except OSError:
             if not (data_dir / folder).is_dir():  # else another process extracted it first: use theirs
                 raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir / folder
