@@ -425,9 +425,7 @@ def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
     keys = [[(2, 0, 4 * b + j, (5 * b + j) % 18) for j in range(4)] for b in range(4)]
 
     def read(workers):
-        batches = imagefolder.Batches()
-        batches.keys = keys
-        return [batch[0] for batch in imagefolder.make_loader(ds, batches, workers, pin_memory=False)]
+        return [batch[0] for batch in imagefolder.make_loader(ds, keys, workers, pin_memory=False)]
     for x0, x2 in zip(read(0), read(2)):
         assert torch.equal(x0, x2)
 
