@@ -275,9 +275,9 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
                decoder: str = "pillow") -> Tensor:
     """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
     probability 1/2, when rng is given (training); the evaluation centre crop otherwise. Pillow
-    reads the header (the size, for the crop), then decodes a JPEG whose crop allows it at reduced
-    size (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
-    them (bilinear, antialiased); the rest is Pillow's. Errors propagate (see `unreadable`)."""
+    reads the header (the size, for the crop) and decodes a JPEG at reduced size where the crop
+    allows (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
+    them; Pillow decodes the rest. Errors propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
         width, height = img.size
@@ -353,8 +353,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, rank, position, index = key if self.train else (None, None, None, key)
-        augment = self.train and self.augment
-        rng = np.random.default_rng((self.seed, epoch, rank, position)) if augment else None
+        rng = np.random.default_rng((self.seed, epoch, rank, position)) if self.train and self.augment else None
         label = int(self.split.labels[index])
         try:
             image = load_image(self.split.path(index), self.size, rng, self.draft, self.decoder)
