@@ -1,18 +1,19 @@
-"""The data sets of the SADP experiments, kept whole on the device as uint8.
+"""The data sets of the SADP experiments, held whole in memory and moved whole to the device.
 
-    ds = load_dataset("cifar10", "data")          # downloads 170 MB once, MD5-checked
+    ds = load_dataset("cifar10", "data")          # downloaded once, MD5-checked
     x_train, norm = ds.x_train.to(device), Normalizer("cifar10", device)
     for idx in order.split(128):                  # order: e.g. torch.tensor(list(sampler))
         logits = model(norm(augment(x_train[idx])))   # crop + flip on the batch's device
 
 CIFAR-10/100 (official python versions), "synthetic" (`make_synthetic`): uint8 [N, 3, 32, 32];
-"mnist1d": float32 [N, 1, 40]; labels int64 [N]. Acquisition (second half): unpickling runs
-code, so nothing is unpickled unless its bytes match the official MD5 (`SOURCES`); labels are
-range-checked; downloads and extraction are renamed into place only when complete.
+"mnist1d": float32 [N, 1, 40]; labels int64 [N], range-checked on load. Unpickling runs code,
+so only bytes that match the official MD5 (`SOURCES`) are unpickled; downloads and extractions
+are renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -21,7 +22,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -45,13 +45,31 @@ class ChecksumError(DataError):
     """A file's MD5 differs from the expected one; the file was not used."""
 
 
-class ArrayDataset(NamedTuple):
-    """A whole data set in memory: inputs (uint8 images, or float signals) and int64 labels."""
+def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
+    """DataError naming `source` and a label outside [0, num_classes). Every data set is checked
+    once, on load: the training loss does not check its targets on the device."""
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
+    if len(bad):
+        raise DataError(f"{source}: labels outside [0, {num_classes}), e.g. {int(labels[bad[0]])} at "
+                        f"index {int(bad[0])} ({len(bad)} in all); a label is a class index.")
+
+
+class _Arrays(NamedTuple):
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+
+
+class ArrayDataset(_Arrays):
+    """A whole data set in memory: inputs (uint8 images, or float signals) and int64 labels, whose
+    range is checked whoever builds it; `source` names the set in the error."""
+
+    def __new__(cls, x_train, y_train, x_test, y_test, num_classes, *, source="in-memory arrays"):
+        check_labels(y_train, num_classes, f"{source} (training labels)")
+        check_labels(y_test, num_classes, f"{source} (test labels)")
+        return super().__new__(cls, x_train, y_train, x_test, y_test, num_classes)
 
 
 # Per-channel (mean, std) of the training images scaled to [0, 1]: CIFAR's usual values; for
@@ -63,12 +81,10 @@ STATS = {
 }
 
 
-# -- Loading ----------------------------------------------------------------------------------
-
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", *, download: bool = True,
                  seed: int = 0, num_train: int | None = None, num_test: int | None = None) -> ArrayDataset:
-    """Load a data set (one of DATASETS) as CPU tensors. data_dir, download: where CIFAR lives and
-    whether to fetch it if absent. seed, num_train, num_test: for "synthetic" only."""
+    """A data set of DATASETS as CPU tensors. data_dir, download: where CIFAR lives and whether to
+    fetch it if absent. seed, num_train, num_test: for "synthetic" only."""
     if name == "synthetic":
         sizes = {k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None}
         return make_synthetic(seed=seed, **sizes)
@@ -134,25 +150,27 @@ def mnist1d_mismatch(d: dict) -> str | None:
 
 def load_mnist1d() -> ArrayDataset:
     """MNIST-1D (Greydanus, 2020): 10 classes of 1-D signals of length 40, 4000 train / 1000 test,
-    far from saturated (published: logistic regression 32%, MLP 68%, GRU 91%, CNN 94%). The
-    optional `mnist1d` package generates it offline with its default arguments (its network-first
-    `get_dataset` is not used); a set that does not match the published one's fingerprint warns.
-    Signals come standardised: float32 [N, 1, 40], int64 labels."""
+    standardised: float32 [N, 1, 40]. Generated once per process; every call gets its own copy,
+    so that a caller changing its tensors in place does not change the next caller's."""
+    return ArrayDataset(*(t.clone() for t in _generate_mnist1d()), 10, source="mnist1d")
+
+
+@functools.lru_cache(maxsize=1)
+def _generate_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """By the optional `mnist1d` package, offline, with its default arguments (its network-first
+    `get_dataset` is not used); a set that differs from the published one warns."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:
         raise DataError(f"--data mnist1d needs the optional package mnist1d ({e}): pip install mnist1d") from e
     d = make_dataset(get_dataset_args())
-    mismatch = mnist1d_mismatch(d)
-    if mismatch is not None:
+    if (mismatch := mnist1d_mismatch(d)) is not None:
         warnings.warn(f"mnist1d generated a data set that is not the published MNIST-1D: {mismatch}; "
                       f"accuracies will not be comparable with published or this project's figures.")
     signals = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32)).unsqueeze(1)   # [N, 1, 40]
     labels = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))
-    return ArrayDataset(signals(d["x"]), labels(d["y"]), signals(d["x_test"]), labels(d["y_test"]), 10)
+    return signals(d["x"]), labels(d["y"]), signals(d["x_test"]), labels(d["y_test"])
 
-
-# -- Synthetic data ---------------------------------------------------------------------------
 
 def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 10, *,
                    seed: int = 0, label_noise: float = 0.02) -> ArrayDataset:
@@ -172,7 +190,7 @@ def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: in
     templates = _templates(num_classes, gen(0))
     x_train, y_train = _sample(templates, num_train, gen(1), label_noise)
     x_test, y_test = _sample(templates, num_test, gen(2), 0.0)
-    return ArrayDataset(x_train, y_train, x_test, y_test, num_classes)
+    return ArrayDataset(x_train, y_train, x_test, y_test, num_classes, source="synthetic")
 
 
 _COLOUR = 0.8               # weight of the hue in a template; the texture's is sqrt(1 - 0.8 ** 2)
@@ -186,9 +204,7 @@ _CHUNK = 1024               # examples generated at once: they stay in the CPU c
 
 def _templates(k: int, g: torch.Generator) -> Tensor:
     """[k, 2 (plain, mirrored), 3, 32 * 32] class templates of unit RMS."""
-    fy = torch.fft.fftfreq(32, 1 / 32).view(32, 1)
-    fx = torch.fft.rfftfreq(32, 1 / 32).view(1, 17)
-    radius = (fy ** 2 + fx ** 2).sqrt()
+    radius = (torch.fft.fftfreq(32, 1 / 32).view(32, 1) ** 2 + torch.fft.rfftfreq(32, 1 / 32) ** 2).sqrt()
     band = ((radius >= 2) & (radius <= 5)).to(torch.float32)
 
     def texture(m: int) -> Tensor:
@@ -239,8 +255,6 @@ def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -
     return x, y
 
 
-# -- Augmentation and normalisation -----------------------------------------------------------
-
 def augment_params(n: int, *, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None,
                    device=None) -> tuple[Tensor, Tensor, Tensor]:
     """Random crop offsets and flips for `n` examples: (top, left) in [0, 2 pad], flip bool.
@@ -290,30 +304,26 @@ class Normalizer:
         if isinstance(stats, str) and stats not in STATS:
             raise ValueError(f"no normalisation statistics for {stats!r}; valid names: "
                              f"{', '.join(STATS)}, or pass (mean, std)")
-        mean, std = STATS[stats] if isinstance(stats, str) else stats
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = mean / std
+        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                     for v in (STATS[stats] if isinstance(stats, str) else stats))
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
 
     def __call__(self, x: Tensor) -> Tensor:
         out = x * self.scale if x.dtype == torch.float32 else x.to(torch.float32).mul_(self.scale)
         return out.sub_(self.shift)
 
 
-# -- Acquisition of CIFAR: download, verify, extract, decode ----------------------------------
-
 @dataclass(frozen=True)
 class Source:
     """Where a CIFAR data set comes from and what its files must hash to (MD5 hex digests)."""
     name: str
     url: str
-    archive: str                             # file name of the archive inside data_dir
+    archive: str                              # file name of the archive inside data_dir
     archive_md5: str
-    folder: str                              # the archive's top-level folder
+    folder: str                               # the archive's top-level folder
     train_files: tuple[tuple[str, str], ...]  # (file name in folder, MD5), in order
     test_files: tuple[tuple[str, str], ...]
-    label_key: str                           # "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)
+    label_key: str                            # "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)
     num_classes: int
     files = property(lambda self: self.train_files + self.test_files)   # all (name, MD5)
 
@@ -341,87 +351,58 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     """Load CIFAR from `<data_dir>/<source.folder>`; if absent, from the archive (placed by hand,
     or downloaded when `download`), MD5-checked, then extracted. Every file is MD5-checked."""
     data_dir = Path(data_dir)
-    folder = data_dir / source.folder
+    folder, archive, by_hand = data_dir / source.folder, data_dir / source.archive, _by_hand(source, data_dir)
     if not folder.is_dir():
-        _check_writable(data_dir, source)
-        archive = data_dir / source.archive
-        if archive.is_file():
-            actual = hashlib.md5(archive.read_bytes()).hexdigest()
-            if actual != source.archive_md5:
-                raise ChecksumError(
-                    f"{archive}: MD5 {actual} differs from the official {source.archive_md5}, so it was not "
-                    f"extracted (a partial or altered download?). Delete it and run again to download it "
-                    f"afresh, or replace it by hand with the official archive from {source.url}.")
-        elif not download:
-            raise DataError(f"{source.name} is not in {data_dir} and download=False.\n"
-                            + _manual_help(source, data_dir))
-        else:
-            try:
+        if not (download or archive.is_file()):
+            raise DataError(f"{source.name} is not in {data_dir} and download=False.\n{by_hand}")
+        try:
+            if archive.is_file():
+                _check_md5(hashlib.md5(archive.read_bytes()).hexdigest(), source.archive_md5, archive,
+                           "so it was not extracted (a partial or altered download?). Delete it and "
+                           "run again to download it afresh.")
+            else:
                 download_file(source.url, archive, source.archive_md5)
-            except DataError as e:
-                raise type(e)(f"{e}\n{_manual_help(source, data_dir)}") from e
-        extract_archive(archive, data_dir, source.folder)
+            extract_archive(archive, data_dir, source.folder)
+        except DataError as e:
+            raise type(e)(f"{e}\n{by_hand}") from e
+        except OSError as e:            # making data_dir or a temporary file in it: before any download
+            raise DataError(f"cannot read or write in --data-dir {data_dir} ({e}); check its "
+                            f"permissions, or choose another --data-dir.\n{by_hand}") from e
     splits = []
     for files in (source.train_files, source.test_files):
-        parts = [_read_batch(folder / name, md5, source, data_dir) for name, md5 in files]
+        parts = [_read_batch(folder / name, md5, source, by_hand) for name, md5 in files]
         splits += [torch.from_numpy(np.concatenate([p[i] for p in parts])) for i in (0, 1)]
-    return ArrayDataset(*splits, source.num_classes)
+    return ArrayDataset(*splits, source.num_classes, source=str(folder))
 
 
-def _check_writable(data_dir: Path, source: Source) -> None:
-    """Before a download or an extraction: --data-dir must be a folder this process can write."""
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=data_dir).close()
-    except OSError as e:
-        raise DataError(f"--data-dir {data_dir} is not a folder this process can write "
-                        f"({e.strerror or e}), and {source.name} must be downloaded or extracted "
-                        f"there; choose another --data-dir.\n" + _manual_help(source, data_dir)) from e
+def _by_hand(source: Source, data_dir: Path) -> str:
+    return (f"To set up {source.name} by hand, download\n    {source.url}\non a machine with internet "
+            f"access and copy it unchanged to\n    {data_dir / source.archive}    (MD5 {source.archive_md5})\n"
+            f"or extract it so that {data_dir / source.folder}/ holds {', '.join(n for n, _ in source.files)}; "
+            f"then run again. The synthetic data set needs no files.")
 
 
-def _manual_help(source: Source, data_dir: Path) -> str:
-    names = ", ".join(n for n, _ in source.files)
-    return (f"To set up {source.name} by hand: on a machine with internet access download\n    "
-            f"{source.url}\nand copy it, unchanged, to\n    {data_dir / source.archive}    (MD5 "
-            f"{source.archive_md5})\nor extract it so that {data_dir / source.folder}/ holds {names}.\n"
-            f"Then run again: the files are verified and used without a download. The synthetic "
-            f"data set needs no files at all.")
+def _check_md5(actual: str, md5: str, what, advice: str) -> None:
+    if actual != md5:
+        raise ChecksumError(f"{what}: MD5 {actual} differs from the official {md5}; {advice}")
 
 
-def _read_batch(path: Path, md5: str, source: Source, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(path: Path, md5: str, source: Source, by_hand: str) -> tuple[np.ndarray, np.ndarray]:
     """One batch file: MD5-check its bytes, then unpickle those same bytes and decode them."""
+    redo = f"Delete the folder {path.parent} and run again to extract it afresh (downloaded if absent)"
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(
-            f"{path} is missing: {path.parent} is incomplete. Delete that folder and run again "
-            f"to extract it afresh from {data_dir / source.archive} (downloaded if absent).\n"
-            + _manual_help(source, data_dir)) from None
-    actual = hashlib.md5(raw).hexdigest()
-    if actual != md5:
-        raise ChecksumError(
-            f"{path}: MD5 {actual} differs from the official {md5}; the file was not loaded (a damaged, "
-            f"partial or altered copy). Delete the folder {path.parent} and run again to extract it "
-            f"afresh from {data_dir / source.archive} (downloaded if absent), or place the official "
-            f"archive there by hand (MD5 {source.archive_md5}, from {source.url}).")
+        raise DataError(f"{path} is missing: its folder is incomplete. {redo}.\n{by_hand}") from None
+    _check_md5(hashlib.md5(raw).hexdigest(), md5, path, f"the file was not loaded (a damaged, partial "
+               f"or altered copy). {redo}, or place the official {source.archive} there by hand.")
     # The only unpickling in this module, of verified bytes. latin1 decodes the Python 2
     # strings of the official files (keys become str; files written by Python 3 keep bytes).
     entry = pickle.loads(raw, encoding="latin1")
     field = lambda key: entry[key] if key in entry else entry[key.encode()]
-    try:
-        x = np.asarray(field("data"), dtype=np.uint8)
-        y = np.asarray(field(source.label_key), dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path} passed its checksum but is not a CIFAR batch ({e})") from e
-    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (x.shape[0],):
-        raise DataError(f"{path}: expected data [n, 3072] and n labels; got {x.shape} and {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() >= source.num_classes):
-        raise DataError(f"{path}: labels outside [0, {source.num_classes})")
+    x, y = np.asarray(field("data"), dtype=np.uint8), np.asarray(field(source.label_key), dtype=np.int64)
     # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
     return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), y
-
-
-_NETWORK_ERRORS = (urllib.error.URLError, OSError, HTTPException, ValueError)
 
 
 def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float = 60.0) -> Path:
@@ -431,36 +412,22 @@ def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    digest, done = hashlib.md5(), 0
+    digest = hashlib.md5()
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except _NETWORK_ERRORS as e:
-                raise DataError(f"could not download {url}: {getattr(e, 'reason', None) or e}. This "
-                                f"machine seems to be offline, or the server cannot be reached.") from e
-            print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
-            with response:
-                while True:
-                    try:
-                        chunk = response.read(1 << 20)
-                    except _NETWORK_ERRORS as e:
-                        raise DataError(f"the download of {url} broke off after {done} bytes: "
-                                        f"{getattr(e, 'reason', None) or e}. Run again to retry.") from e
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        digest.update(chunk)
                         out.write(chunk)
-                    except OSError as e:     # ENOSPC, EDQUOT, EIO: the partial file is removed
-                        raise DataError(f"could not write {dest} after {done} bytes ({e.strerror or e}); "
-                                        f"free space in {dest.parent}, or choose another --data-dir, "
-                                        f"and run again.") from e
-                    done += len(chunk)
-        if digest.hexdigest() != md5:
-            raise ChecksumError(
-                f"the file downloaded from {url} has MD5 {digest.hexdigest()}, not the official {md5}; "
-                f"it was discarded. Run again to retry (a proxy or captive portal may have altered it).")
+            # no connection, a broken one, or a full disk (urllib's URLError is an OSError)
+            except (OSError, HTTPException, ValueError) as e:
+                raise DataError(f"could not download {url} to {dest} (stopped after {out.tell()} bytes): "
+                                f"{getattr(e, 'reason', None) or e}. This machine may be offline, the "
+                                f"server unreachable or {dest.parent} full; run again to retry.") from e
+        _check_md5(digest.hexdigest(), md5, f"the file downloaded from {url}", "it was discarded. Run "
+                   "again to retry (a proxy or captive portal may have altered it).")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -476,18 +443,13 @@ def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, fol
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{folder}.", suffix=".extract"))
     try:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                for member in tar:
-                    target = tmp.joinpath(*_safe_parts(member, archive))
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                    else:
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with tar.extractfile(member) as src, open(target, "wb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                target = tmp.joinpath(*_safe_parts(member, archive))
+                if member.isfile():             # its folders are made for it
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
         if not (tmp / folder).is_dir():
             raise DataError(f"{archive} has no top-level folder {folder}/; is it the right archive?")
         try:
@@ -495,17 +457,18 @@ def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, fol
         except OSError:
             if not (data_dir / folder).is_dir():  # else another process extracted it first: use theirs
                 raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir / folder
 
 
 def _safe_parts(member: tarfile.TarInfo, archive: Path) -> list[str]:
-    name = member.name
+    name, parts = member.name, [p for p in member.name.split("/") if p not in ("", ".")]
     if not (member.isdir() or member.isfile()):
         raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to extract "
                         f"this archive")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith(("/", "\\")) or "\\" in name or name[1:2] == ":" or ".." in parts:
         raise DataError(f"{archive}: member {name!r} has an absolute path or points outside the "
                         f"archive's folder; refusing to extract")

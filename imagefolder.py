@@ -7,15 +7,12 @@
     for idx, x, y, keep in source.train_batches(epoch, order.split(256)):   # order: list(sampler)
         ...                                   # x: float [B, 3, 224, 224] normalised on the device
 
-DataLoader workers decode the images (torchcodec where it is installed, else Pillow; a JPEG at
-reduced size where the crop allows: docs/imagenet.md) and send them as uint8 to the device,
-which normalises them. The sampler draws in the main process and the loader reads the
-minibatches it is given, so the draw, its weights and its split over ranks are those of
-data.py's in-memory path. Every random number of a training crop (random-resized, the Inception
-recipe, and flipped) comes from (seed, epoch, rank, position in the epoch): the crops do not
-depend on the number of workers, and a resumed run sees what an uninterrupted one would. An
-unreadable file stops the run naming it (data.DataError), or, with skip_corrupt, is trained on
-at weight 0 as a black image (so that every rank keeps its batch shape).
+DataLoader workers decode the images (torchcodec where installed, else Pillow) and send them as
+uint8 to the device, which normalises them. The sampler draws in the main process, as for the
+in-memory sets. A training crop's random numbers (random-resized, flipped) come from (seed,
+epoch, rank, position in the epoch): the crops do not depend on the number of workers, and a
+resumed run sees what an uninterrupted one would. An unreadable file stops the run naming it
+(data.DataError), or, with skip_corrupt, is trained on at weight 0 as a black image.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data import DataError, Normalizer
+from data import DataError, Normalizer, check_labels
 
 # torchvision's list, compared case-insensitively: the files the layout scan takes as images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -52,8 +49,6 @@ def require_pillow():
                         "installed: pip install pillow (or the faster drop-in pillow-simd)") from e
     return Image
 
-
-# -- The layout --------------------------------------------------------------------------------
 
 class Split(NamedTuple):
     """One split's images: paths relative to `root` (a numpy bytes array: no per-path Python
@@ -92,15 +87,12 @@ LAYOUT = ("expected DIR/train/<class>/<image> and DIR/val/<class>/<image> with t
 
 
 def scan(root: str | os.PathLike) -> Folder:
-    """Lists DIR/train and DIR/val and checks the layout; DataError with the fix if it is wrong:
-    no such folder, no train/ or val/, images lying outside class folders, fewer than 2 classes,
-    an empty class folder, a class in one split but not the other, an entry that cannot be read.
-    As in torchvision's ImageFolder, every image anywhere below a class folder is of its class."""
+    """Lists DIR/train and DIR/val and checks the layout (a DataError says what is wrong and the
+    fix). As in torchvision's ImageFolder, every image anywhere below a class folder is of its class."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data-dir {root} is not a folder; {LAYOUT}.")
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing:
+    if missing := [s for s in ("train", "val") if not (root / s).is_dir()]:
         raise DataError(f"{root} has no {' or '.join(s + '/' for s in missing)} folder; {LAYOUT}.")
     (classes, loose), (val_classes, val_loose) = _listdir(root / "train"), _listdir(root / "val")
     for split, mine, other, images in (("train", classes, val_classes, loose),
@@ -168,8 +160,6 @@ def _some(names: list[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-# -- Sorting ImageNet's flat val/ into class folders ---------------------------------------------
-
 def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
     """Moves the images lying directly in `split` into split/<class>/ folders as the labels file
     says: "<image>,<class>" or "<image> <class>" lines, the image with or without its extension,
@@ -235,8 +225,6 @@ def _not_folder_names(split: Path, names: set[str]) -> list[str]:
     return bad
 
 
-# -- Decoding and augmentation (run in the worker processes) ------------------------------------
-
 def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE,
              ratio=CROP_RATIO) -> tuple[int, int, int, int]:
     """A random-resized crop's (left, top, right, bottom) in a width x height image: area a share
@@ -287,9 +275,9 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
                decoder: str = "pillow") -> Tensor:
     """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
     probability 1/2, when rng is given (training); the evaluation centre crop otherwise. Pillow
-    reads the header (the size, for the crop), then decodes a JPEG whose crop allows it at reduced
-    size (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
-    them (bilinear, antialiased); the rest is Pillow's. Errors propagate (see `unreadable`)."""
+    reads the header (the size, for the crop) and decodes a JPEG at reduced size where the crop
+    allows (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
+    them; Pillow decodes the rest. Errors propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
         width, height = img.size
@@ -365,8 +353,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, rank, position, index = key if self.train else (None, None, None, key)
-        augment = self.train and self.augment
-        rng = np.random.default_rng((self.seed, epoch, rank, position)) if augment else None
+        rng = np.random.default_rng((self.seed, epoch, rank, position)) if self.train and self.augment else None
         label = int(self.split.labels[index])
         try:
             image = load_image(self.split.path(index), self.size, rng, self.draft, self.decoder)
@@ -375,27 +362,13 @@ class FolderDataset(torch.utils.data.Dataset):
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
 
 
-class Batches:
-    """A DataLoader's batch_sampler whose minibatches (keys) the main process sets before each
-    pass, so that persistent workers serve a new draw every epoch."""
-
-    def __init__(self):
-        self.keys: list[list] = []
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def make_loader(dataset: FolderDataset, batches: Batches, workers: int, pin_memory: bool):
+def make_loader(dataset: FolderDataset, batches: list[list], workers: int, pin_memory: bool):
+    """A loader of the minibatches (lists of keys) in `batches`, read afresh at each pass: the main
+    process replaces its contents (loader.batch_sampler[:] = ...), persistent workers serve them."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
-
-# -- The source train.py reads -------------------------------------------------------------------
 
 class FolderSource:
     """A scanned folder as train.py's data source: minibatches of the sampler's draw, normalised
@@ -405,21 +378,20 @@ class FolderSource:
                  rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True,
                  decoder: str = "auto"):
         require_pillow()
+        for split in (folder.train, folder.val):      # a Folder made by hand, not by scan()
+            check_labels(split.labels, len(folder.classes), split.root)
         self.decoder = resolve_decoder(decoder)
         self.folder, self.device, self.rank = folder, torch.device(device), rank
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.num_classes = skip_corrupt, len(folder.classes)
         self.num_train, self.num_test = len(folder.train), len(folder.val)
-        self.num_classes = len(folder.classes)
         self.digest = folder.digest()     # computed once: checked across ranks and on --resume
         self.norm = Normalizer(IMAGENET_STATS, self.device)
         self.skipped = 0                  # unreadable images met so far, training and validation
         self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch
-        pin = self.device.type == "cuda"
-        self._train_batches, self._test_batches = Batches(), Batches()
         train = FolderDataset(folder.train, size, True, seed, draft, augment, self.decoder)
-        self._train = make_loader(train, self._train_batches, workers, pin)
         val = FolderDataset(folder.val, size, False, seed, draft, decoder=self.decoder)
-        self._test = make_loader(val, self._test_batches, workers, pin)
+        self._train, self._test = (make_loader(d, [], workers, self.device.type == "cuda")
+                                   for d in (train, val))
         for loader in (self._train, self._test):    # no batches yet: this forks the workers now,
             list(loader)                            # before torch.compile starts its threads
 
@@ -428,7 +400,7 @@ class FolderSource:
         float tensor on the device marking the images that were read. The time the host waits for
         the loader adds to wait_seconds (on a GPU: time the device went unfed)."""
         starts = np.cumsum([0] + [len(idx) for idx in batches]).tolist()
-        self._train_batches.keys = [[(epoch, self.rank, start + j, i)
+        self._train.batch_sampler[:] = [[(epoch, self.rank, start + j, i)
                                      for j, i in enumerate(idx.tolist())]
                                     for start, idx in zip(starts, batches)]
         t0 = time.perf_counter()
@@ -445,7 +417,7 @@ class FolderSource:
     def test_batches(self, rank: int, world_size: int, batch_size: int) -> Iterator[tuple]:
         """(x, y) for this rank's share of the validation set; y is -1 for skipped images."""
         mine = torch.arange(rank, self.num_test, world_size)
-        self._test_batches.keys = [b.tolist() for b in mine.split(batch_size)]
+        self._test.batch_sampler[:] = [b.tolist() for b in mine.split(batch_size)]
         for images, labels, index, ok in self._test:
             keep = self._keep(self.folder.val, index, ok)
             y = labels.to(self.device, non_blocking=True)
@@ -471,7 +443,7 @@ class FolderSource:
         """Stops the worker processes now rather than when the loaders are garbage-collected."""
         for loader in (self._train, self._test):
             running = getattr(loader, "_iterator", None)      # persistent workers live here
-            if running is not None and hasattr(running, "_shutdown_workers"):
+            if hasattr(running, "_shutdown_workers"):
                 running._shutdown_workers()
         self._train = self._test = None
 
@@ -483,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "class folders by a labels file: see sort_flat_split.")
     p.add_argument("command", choices=["sort"])
     p.add_argument("split", help="the flat folder, e.g. /data/imagenet/val")
-    p.add_argument("labels", help="'<image>,<class>' or '<image> <class>' lines, "
-                                  "e.g. LOC_val_solution.csv")
+    p.add_argument("labels", help="'<image>,<class>' or '<image> <class>' lines, e.g. LOC_val_solution.csv")
     a = p.parse_args(argv)
     try:
         print(f"moved {sort_flat_split(a.split, a.labels)} images into class folders of {a.split}")

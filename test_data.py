@@ -254,6 +254,22 @@ def test_labels_out_of_range_are_a_data_error(tmp_path, no_network):
         data.load_cifar(source, data_dir)
 
 
+def test_labels_outside_the_classes_are_refused_for_every_source():
+    """Every data set is an ArrayDataset (CIFAR, MNIST-1D, synthetic, frames, arrays a caller
+    builds): its labels are range-checked once, when it is built. The training loss no longer
+    checks its targets on the device, where a bad label would fail late or index out of bounds."""
+    ok = data.make_synthetic(20, 10, seed=0)
+    for split, value in (("y_train", 10), ("y_test", -1)):
+        fields = ok._asdict()
+        fields[split] = fields[split].clone()
+        fields[split][3] = value
+        with pytest.raises(data.DataError, match=rf"my arrays.*labels outside \[0, 10\).*{value}"):
+            data.ArrayDataset(**fields, source="my arrays")
+        with pytest.raises(data.DataError, match="in-memory arrays"):   # no source given
+            data.ArrayDataset(*fields.values())
+    data.ArrayDataset(*ok)                                            # in range: accepted
+
+
 def test_offline_gives_hand_placement_instructions(tmp_path, monkeypatch):
     def offline(url, *a, **k):
         raise urllib.error.URLError(OSError("Temporary failure in name resolution"))
@@ -542,8 +558,24 @@ def test_mnist1d_fingerprint_allows_rounding_and_nothing_more():
     assert "shape" in data.mnist1d_mismatch(dict(d, x=d["x"][:-1]))
 
 
+def test_mnist1d_is_generated_once_per_process_and_callers_cannot_corrupt_it(monkeypatch):
+    pytest.importorskip("mnist1d", reason="--data mnist1d needs `pip install mnist1d`")
+    import mnist1d.data
+    made, real = [], mnist1d.data.make_dataset
+    monkeypatch.setattr(mnist1d.data, "make_dataset", lambda args: made.append(1) or real(args))
+    data._generate_mnist1d.cache_clear()
+    first = data.load_mnist1d()
+    x_test, y_test = first.x_test.clone(), first.y_test.clone()
+    first.x_test.zero_()                                   # a caller changing its copy in place
+    first.y_test.fill_(3)
+    again = data.load_dataset("mnist1d")
+    assert made == [1]                                     # generated once
+    assert torch.equal(again.x_test, x_test) and torch.equal(again.y_test, y_test)
+
+
 def test_mnist1d_without_the_package_names_the_install_command(monkeypatch):
     import sys
+    data._generate_mnist1d.cache_clear()                 # a cached set needs no package
     monkeypatch.setitem(sys.modules, "mnist1d", None)    # import fails as if not installed
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)
     with pytest.raises(data.DataError, match="pip install mnist1d"):

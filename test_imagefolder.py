@@ -405,6 +405,16 @@ def test_unreadable_validation_images_come_labelled_minus_1_under_skip_corrupt(t
         list(strict.test_batches(0, 1, 4))
 
 
+def test_folder_labels_outside_the_classes_are_refused_at_load(folder):
+    """A Folder built or altered by hand (not by scan) is range-checked like every data set."""
+    f = imagefolder.scan(folder)
+    labels = f.val.labels.clone()
+    labels[4] = 3
+    bad = f._replace(val=imagefolder.Split(f.val.root, f.val.paths, labels))
+    with pytest.raises(DataError, match=r"val.*labels outside \[0, 3\).* 3"):
+        imagefolder.FolderSource(bad, 16, workers=0, device="cpu")
+
+
 def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
     split = imagefolder.scan(folder).train
     ds = imagefolder.FolderDataset(split, 32, train=True, seed=3)
@@ -415,9 +425,7 @@ def test_augmentation_depends_on_the_key_only_not_on_workers(folder):
     keys = [[(2, 0, 4 * b + j, (5 * b + j) % 18) for j in range(4)] for b in range(4)]
 
     def read(workers):
-        batches = imagefolder.Batches()
-        batches.keys = keys
-        return [batch[0] for batch in imagefolder.make_loader(ds, batches, workers, pin_memory=False)]
+        return [batch[0] for batch in imagefolder.make_loader(ds, keys, workers, pin_memory=False)]
     for x0, x2 in zip(read(0), read(2)):
         assert torch.equal(x0, x2)
 
