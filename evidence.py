@@ -126,7 +126,7 @@ def worker_init() -> None:
 
 def run_job(j: dict) -> dict:
     """One training run (in a worker process): the log line."""
-    s = bench.train_once(**j["flags"])
+    s = bench.train_once(j["flags"])
     return {**{k: j[k] for k in ("set", "label", "ratio", "seed", "nominal_ratio")},
             "final": s["final_test_acc"] * 100, "best": s["best_test_acc"] * 100,
             "pass_fraction": s["pass_fraction"], "train_seconds": s["train_seconds"],
@@ -227,8 +227,8 @@ def summarise_set(name: str, sel: list[dict]) -> dict:
                 f"final test accuracy mean ± sd, %; difference to uniform at the same ratio and seed, mean "
                 f"[95% CI]; full-data epochs of example-passes until test accuracy first reaches full data's "
                 f"final - 0.5 pp = {target:.2f}%, median over the seeds that reach it)",
-                ["method", "ratio", "final test acc", "minus uniform (pp)", "example-passes / full",
-                 "passes to target"], rows)
+                [dict(zip(["method", "ratio", "final test acc", "minus uniform (pp)", "example-passes / full",
+                           "passes to target"], row)) for row in rows])
     return {"target": target, "rows": summary}
 
 
@@ -245,9 +245,8 @@ def evidence(cfg, log: str | None) -> dict:
 
 def plot(results: dict, directory: str) -> None:
     """evidence_<set>.png: accuracy vs ratio; evidence_passes_<set>.png: accuracy vs example-passes."""
-    plt = bench.pyplot()
     for name, ev in results.get("evidence", {}).get("sets", {}).items():
-        rows, (fig, ax) = ev["rows"], plt.subplots(figsize=(5.5, 3.8))
+        rows, (fig, ax) = ev["rows"], bench.figure(5.5, 3.8)
         full = next(r for r in rows if r["label"] == "full")
         ax.axhline(statistics.mean(full["final"]), color="k", ls="--", label="full data")
         for label in ("uniform", "ann", "sadp", "infobatch", "infobatch-matched", "uniform-lrb", "sadp-lrb"):
@@ -258,7 +257,7 @@ def plot(results: dict, directory: str) -> None:
                             capsize=3, label=label)
         bench.save_figure(fig, ax, os.path.join(directory, f"evidence_{name}.png"), "pruning ratio r",
                           "final test accuracy (%, mean ± sd)", f"{name}: accuracy at matched budgets")
-        ratio, (fig, ax) = max(r["ratio"] for r in rows), plt.subplots(figsize=(5.5, 3.8))
+        ratio, (fig, ax) = max(r["ratio"] for r in rows), bench.figure(5.5, 3.8)
         for r in [full] + [r for r in rows if r["ratio"] == ratio and r["label"] in
                            ("uniform", "sadp", "infobatch-matched", "uniform-lrb", "sadp-lrb")]:
             ax.plot(r["curve_passes"], r["curve"], label=r["label"], lw=1.2)
@@ -279,7 +278,7 @@ def main(argv=None) -> int:
     unknown = {label for s in SETS for label in [*cfg[s]["labels"], *cfg[s]["variants"]]} - set(LABELS)
     if unknown:
         p.error(f"unknown label(s) {', '.join(sorted(unknown))}; choose from {', '.join(LABELS)}")
-    return bench.finish("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, ["evidence"],
+    return bench.run_sections("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, ["evidence"],
                         plot, argv)
 
 
