@@ -4,12 +4,11 @@
     python bench.py --out bench.json --plot figures  # the full sizes
     python bench.py --only variance,lif --set lif.reps=30 --set T=2
 
-Sections (--only): speedup, overhead, variance, lif, throughput, netbound, datapath; the docstring
-of each bench_<section> says what it measures. Each prints its tables and progress as it goes.
---set KEY=JSON overrides a setting of config(): a shared NAME (e.g. T) or SECTION.NAME. --out is
-rewritten after every section (the other sections of an earlier run stay); a failing section is
-recorded there with its error while the others run, and bench.py exits 1 naming it. Timings are
-medians of interleaved runs in one process, as a shared machine's speed drifts. Accuracy: evidence.py.
+Sections (--only): speedup, overhead, variance, lif, throughput, netbound, datapath (what each
+measures: the docstring of bench_<section>). --set KEY=JSON overrides a setting of config(): a
+shared NAME or SECTION.NAME. --out is rewritten after every section, keeping an earlier run's other
+sections; a failing section is recorded there with its error while the others run, and bench.py
+exits 1 naming it. Timings are interleaved in one process, as a shared machine's speed drifts.
 """
 
 from __future__ import annotations
@@ -206,16 +205,15 @@ def apply_settings(p: argparse.ArgumentParser, cfg: dict, items: list[str]) -> N
             p.error(f"--set {key}: {value!r} is not JSON (strings need quotes, lists brackets)")
 
 
-def figure(width: float, height: float):
-    """(fig, ax) of matplotlib on the Agg backend; ImportError when matplotlib is not installed."""
+@contextlib.contextmanager
+def figure(path: str, xlabel: str, ylabel: str, title: str, size=(5.5, 3.8)):
+    """Axes to draw on in the block, then labelled and saved to `path` (matplotlib, Agg backend;
+    ImportError when it is not installed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(width, height))
-
-
-def save_figure(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> None:
-    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=size)
+    yield ax
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -247,9 +245,8 @@ def bench_speedup(cfg) -> dict:
         s, m = SADPSampler(N, 0.3), round(0.7 * N)
         s.update(torch.arange(N), torch.rand(N))
         idx, scores, batch = torch.randint(0, N, (m,)), torch.rand(m), torch.arange(cfg["batch_size"])
-        times = interleaved({"set_epoch + iter (ms)": lambda: (s.set_epoch(1), list(s)),
-                             "update (ms)": lambda: s.update(idx, scores)}, 3, warmup=1)
-        times["weights (us/batch)"] = interleaved({0: lambda: s.weights(batch)}, 50)[0]
+        times = interleaved({"set_epoch + iter (ms)": lambda: (s.set_epoch(1), list(s)), "update (ms)":
+                             lambda: s.update(idx, scores), "weights (us/batch)": lambda: s.weights(batch)}, 5, warmup=1)
         sampler.append({"N": N, **{k: statistics.median(v) * (1e6 if "us" in k else 1e3) for k, v in times.items()}})
         progress("speedup", f"sampler timed at N = {N}")
     table("speedup: the sampler's cost per epoch (CPU)", sampler)
@@ -291,13 +288,13 @@ def bench_overhead(cfg) -> dict:
         torch.manual_seed(0)
         model = models.build_model(name, 10, T=T, compile=cfg["compile"]).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        t = interleaved({k: step_fn(model, opt, x, y, k, T, amp) for k in ("plain", "bound", "exact")}, reps, device)
         with HeadTap(model.classifier, T=T) as head, amp():
             model(x)
             o, h = (v.detach() for v in head.pop())
         g = (o.float().mean(0).softmax(-1) - F.one_hot(y, 10)).div(T).expand_as(o.float())   # dl/do_t
-        t.update(interleaved({"bound alone": lambda: head_gradient_bound(g, h),
-                              "exact alone": lambda: head_gradient_norm(g, h)}, 50, device))
+        t = interleaved({**{k: step_fn(model, opt, x, y, k, T, amp) for k in ("plain", "bound", "exact")},
+                         "bound alone": lambda: head_gradient_bound(g, h),
+                         "exact alone": lambda: head_gradient_norm(g, h)}, reps, device)
         med = {k: statistics.median(v) for k, v in t.items()}
         over = {k: median_ratio(t[k], t["plain"]) - 1 for k in ("bound", "exact")}
         out[name] = {"batch": len(y), "median_seconds": med, "overhead": over, "seconds": t}
@@ -310,9 +307,8 @@ def bench_overhead(cfg) -> dict:
 
 
 # -- variance, netbound: each score against the true per-example gradient norms ------------------
-def per_example_grads(model, x, y, params=None) -> torch.Tensor:
-    """[N, P]: the flattened gradient of every parameter (or of `params`) for each example."""
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+def per_example_grads(model, x, y, params: list) -> torch.Tensor:
+    """[N, P]: the flattened gradient of `params` for each example."""
     rows = []
     for i in range(len(x)):
         loss = F.cross_entropy(model(x[i:i + 1]).float().mean(0), y[i:i + 1])
@@ -401,7 +397,7 @@ def bench_variance(cfg) -> dict:
             o, h = tap.pop()
         scores = {"loss": baseline_loss(o, y, kind="loss")[1], "ann": baseline_loss(o, y, kind="ann")[1],
                   "sadp": spike_aware_loss(o, y, h)[1], "sadp-exact": spike_aware_loss(o, y, h, exact=True)[1]}
-        G = per_example_grads(model, x, y)
+        G = per_example_grads(model, x, y, list(model.parameters()))
         mc = {f"{label}, {'with' if rep else 'without'}": sampled_variance(G, s, ratio, eps, rep, c["mc"])
               for label, s, eps in (("uniform", torch.ones(len(y)), 1.0), ("sadp", scores["sadp"], 0.1),
                                     ("oracle", G.norm(dim=1), 0.1)) for rep in (True, False)}
@@ -414,12 +410,12 @@ def bench_variance(cfg) -> dict:
     return {"pool": c["pool"], "ratio": ratio, "snapshots": snaps}
 
 
-def netbound_scores(model, x, y, T: int, batch: int | None = None) -> dict:
-    """head, network, ann and loss scores of (x, y) from forward + backward passes with weights
-    1, in the model's current mode; batch: examples per pass (None: all in one)."""
+def netbound_scores(model, x, y, T: int, batch: int) -> dict:
+    """head, network, ann and loss scores of (x, y) from forward + backward passes of `batch`
+    examples with weights 1, in the model's current mode."""
     net, head = NetworkTap(model, T=T), HeadTap(model.classifier, T=T)
     parts = {k: [] for k in ("head", "network", "ann", "loss")}
-    for xb, yb in zip(x.split(batch or len(x)), y.split(batch or len(x))):
+    for xb, yb in zip(x.split(batch), y.split(batch)):
         model(xb)
         outputs, head_inputs = head.pop()
         loss, s_head = spike_aware_loss(outputs, yb, head_inputs)
@@ -448,7 +444,7 @@ def bench_netbound(cfg) -> dict:
         in_training = netbound_scores(model.train(), x, y, T, batch)
         model.load_state_dict(state)                          # undo the BN running-stat updates
         scores = {"head (BN train)": in_training["head"], "network (BN train)": in_training["network"],
-                  **netbound_scores(model.eval(), x, y, T)}
+                  **netbound_scores(model.eval(), x, y, T, batch)}
         weights = [p for m in model.modules() if isinstance(m, NetworkTap.LAYERS) for p in m.parameters()]
         return {"scores": score_stats(per_example_grads(model, x, y, weights), scores)}
     memoize_mnist1d()                                         # for train.py's runs too
@@ -530,14 +526,14 @@ def bench_throughput(cfg) -> dict:
         progress("throughput", "skipped: it measures the GPU path (--set throughput.run=true forces it)")
         return {"skipped": "not on a GPU"}
 
-    def seconds_per_image(compiled: bool, method: str) -> float:
-        last = train_once(run_flags(cfg, data="synthetic", train_size=c["train"], test_size=256, model=cfg["model"],
-                                    epochs=2, no_compile=not compiled, method=method,
-                                    ratio=0.3 if method == "sadp" else None))["history"][-1]
+    def seconds_per_image(flags: dict) -> float:                  # of the last epoch
+        last = train_once(flags)["history"][-1]
         return last["seconds"] / last["examples"]
-    t = interleaved({f"{'compiled' if compiled else 'eager'}, {method}": functools.partial(seconds_per_image, compiled,
-                                                                                           method)
-                     for compiled in (False, True) for method in ("full", "sadp")}, c["reps"], warmup=0,
+    flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=256, model=cfg["model"], epochs=2)
+    variants = {f"{'compiled' if compiled else 'eager'}, {m}": dict(flags, no_compile=not compiled, method=m,
+                                                                    ratio=0.3 if m == "sadp" else None)
+                for compiled in (False, True) for m in ("full", "sadp")}
+    t = interleaved({k: functools.partial(seconds_per_image, f) for k, f in variants.items()}, c["reps"], warmup=0,
                     section="throughput")
     out = {k: {"images_per_s": [1 / s for s in v], "vs_eager_full": median_ratio(t["eager, full"], v)}
            for k, v in t.items()}
@@ -629,15 +625,14 @@ def bench_datapath(cfg) -> dict:
 # -- Plots, configuration, the command line -----------------------------------------------------
 def plot(results: dict, directory: str) -> None:
     """variance_synthetic.png: each score's estimator variance relative to uniform (eps = 0.1)."""
-    if "variance" not in results:
-        return
-    snaps, (fig, ax) = results["variance"]["snapshots"], figure(5, 3.5)
-    for name in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
-        ax.plot([s["epoch"] for s in snaps], [s["scores"][name]["eps=0.1"] for s in snaps], marker="o", label=name)
-    ax.axhline(1.0, color="k", ls=":", label="uniform")
-    ax.set_yscale("log")
-    save_figure(fig, ax, os.path.join(directory, "variance_synthetic.png"), "epoch of training",
-                "estimator variance / uniform", "synthetic: gradient variance (eps = 0.1)")
+    if "variance" in results:
+        snaps = results["variance"]["snapshots"]
+        with figure(os.path.join(directory, "variance_synthetic.png"), "epoch of training", "estimator variance / "
+                    "uniform", "synthetic: gradient variance (eps = 0.1)", size=(5, 3.5)) as ax:
+            for name in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
+                ax.plot([s["epoch"] for s in snaps], [s["scores"][name]["eps=0.1"] for s in snaps], "o-", label=name)
+            ax.axhline(1.0, color="k", ls=":", label="uniform")
+            ax.set_yscale("log")
 
 
 SECTIONS = {"speedup": bench_speedup, "overhead": bench_overhead, "variance": bench_variance, "lif": bench_lif,

@@ -207,26 +207,24 @@ def evidence(cfg, log: str | None) -> dict:
 def plot(results: dict, directory: str) -> None:
     """evidence_<set>.png: accuracy vs ratio; evidence_passes_<set>.png: accuracy vs example-passes."""
     for name, ev in results.get("evidence", {}).get("sets", {}).items():
-        rows, (fig, ax) = ev["rows"], bench.figure(5.5, 3.8)
+        rows, ratio = ev["rows"], max(r["ratio"] for r in ev["rows"])
         full = next(r for r in rows if r["label"] == "full")
-        ax.axhline(statistics.mean(full["final"]), color="k", ls="--", label="full data")
-        for label in ("uniform", "ann", "sadp", "infobatch", "infobatch-matched", "uniform-lrb", "sadp-lrb"):
-            sel = [r for r in rows if r["label"] == label]
-            if sel:
-                ax.errorbar([r["ratio"] for r in sel], [statistics.mean(r["final"]) for r in sel], marker="o",
-                            yerr=[statistics.stdev(r["final"]) if len(r["final"]) > 1 else 0 for r in sel],
-                            capsize=3, label=label)
-        bench.save_figure(fig, ax, os.path.join(directory, f"evidence_{name}.png"), "pruning ratio r",
-                          "final test accuracy (%, mean ± sd)", f"{name}: accuracy at matched budgets")
-        ratio, (fig, ax) = max(r["ratio"] for r in rows), bench.figure(5.5, 3.8)
-        for r in [full] + [r for r in rows if r["ratio"] == ratio and r["label"] in
-                           ("uniform", "sadp", "infobatch-matched", "uniform-lrb", "sadp-lrb")]:
-            ax.plot(r["curve_passes"], r["curve"], label=r["label"], lw=1.2)
-        ax.axhline(ev["target"], color="k", ls=":", lw=0.8, label="full - 0.5 pp")
-        ax.set_ylim(max(0, ev["target"] - 30), ev["target"] + 3)
-        bench.save_figure(fig, ax, os.path.join(directory, f"evidence_passes_{name}.png"),
-                          "example-passes (full-data epochs)", "test accuracy (%, mean over seeds)",
-                          f"{name}: accuracy vs example-passes (r = {ratio})")
+        with bench.figure(os.path.join(directory, f"evidence_{name}.png"), "pruning ratio r",
+                          "final test accuracy (%, mean ± sd)", f"{name}: accuracy at matched budgets") as ax:
+            ax.axhline(statistics.mean(full["final"]), color="k", ls="--", label="full data")
+            for label in ("uniform", "ann", "sadp", "infobatch", "infobatch-matched", "uniform-lrb", "sadp-lrb"):
+                sel = [r for r in rows if r["label"] == label]
+                if sel:
+                    ax.errorbar([r["ratio"] for r in sel], [statistics.mean(r["final"]) for r in sel], marker="o",
+                                yerr=[statistics.stdev(r["final"]) if len(r["final"]) > 1 else 0 for r in sel],
+                                capsize=3, label=label)
+        with bench.figure(os.path.join(directory, f"evidence_passes_{name}.png"), "example-passes (full-data epochs)",
+                          "test accuracy (%, mean over seeds)", f"{name}: accuracy vs example-passes (r = {ratio})") as ax:
+            for r in [full] + [r for r in rows if r["ratio"] == ratio and r["label"] in
+                               ("uniform", "sadp", "infobatch-matched", "uniform-lrb", "sadp-lrb")]:
+                ax.plot(r["curve_passes"], r["curve"], label=r["label"], lw=1.2)
+            ax.axhline(ev["target"], color="k", ls=":", lw=0.8, label="full - 0.5 pp")
+            ax.set_ylim(max(0, ev["target"] - 30), ev["target"] + 3)
 
 
 def main(argv=None) -> int:
