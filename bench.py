@@ -614,8 +614,10 @@ def bench_datapath(cfg) -> dict:
                                             batch_size=c["batch"], seed=rep))["history"][-1]
                 runs.append({"workers": workers, **{f"loader alone, {d}": loader_rate(cfg, folder, workers, d, rep)
                                                     for d in decoders},
-                             "training": last["examples"] / last["seconds"], "waiting for data": last["data_wait"]})
-                progress("datapath", f"rep {rep + 1}/{c['reps']}, {workers} worker(s): {runs[-1]}")
+                             "training (images/s)": last["examples"] / last["seconds"],
+                             "share waiting for data": last["data_wait"]})
+                progress("datapath", f"rep {rep + 1}/{c['reps']}, {workers} worker(s): "
+                                     f"{runs[-1]['training (images/s)']:.3g} training images/s")
     table(f"datapath: images/s of the loader and of SADP training, {c['model']} T={cfg['T']}, batch {c['batch']}, "
           f"{cfg['device']}{', bf16' if cfg['amp'] else ''}, {c['reps']} reps",
           [{k: statistics.median(r[k] for r in runs if r["workers"] == w) for k in runs[0]} for w in c["workers"]])
