@@ -75,10 +75,10 @@ def matched_ratio(cfg, name: str, r: float, runs: list[dict]) -> float | None:
     logged, nominal = at("infobatch-matched"), at("infobatch")
     if logged:
         return logged[0]["nominal_ratio"]
-    if len(nominal) == seeds > 0:
-        return min(round(r / statistics.mean((1 - x["pass_fraction"]) / r for x in nominal), 3),
-                   cfg["max_infobatch_ratio"])
-    return None
+    if len(nominal) < seeds or seeds == 0:
+        return None
+    c = statistics.mean((1 - x["pass_fraction"]) / r for x in nominal)       # 0 when it pruned nothing
+    return min(round(r / c, 3), cfg["max_infobatch_ratio"]) if c > 0 else cfg["max_infobatch_ratio"]
 
 
 def wanted(cfg, runs: list[dict]) -> list[dict]:
