@@ -403,7 +403,8 @@ def bench_variance(cfg) -> dict:
         mc = {f"{label}, {'with' if rep else 'without'}": sampled_variance(G, s, ratio, eps, rep, c["mc"])
               for label, s, eps in (("uniform", torch.ones(len(y)), 1.0), ("sadp", scores["sadp"], 0.1),
                                     ("oracle", G.norm(dim=1), 0.1)) for rep in (True, False)}
-        return {"scores": score_stats(G, scores), "epoch_estimator": {k: v / mc["uniform, with"] for k, v in mc.items()}}
+        return {"scores": score_stats(G, scores),
+                "epoch_estimator": {k: v / mc["uniform, with"] for k, v in mc.items()}}
     flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=500, model="convnet", seed=0)
     snaps, _ = snapshots("variance", cfg, flags, data.make_synthetic(c["train"], 500, seed=0), score)
     stats_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"])

@@ -173,8 +173,9 @@ def summarise_set(name: str, sel: list[dict]) -> dict:
         base = {r["seed"]: r["final"] for r in sel if r["label"] == "uniform" and r["ratio"] == ratio}
         m, half = paired([r["final"] - base[r["seed"]] for r in group if r["seed"] in base]) \
             if label not in ("uniform", "full") else (None, None)
-        passes = [list(itertools.accumulate(e for e, _ in r["curve"])) for r in group]
-        reach = [next((p for p, (_, acc) in zip(ps, r["curve"]) if acc >= target), None) for ps, r in zip(passes, group)]
+        passes = [list(itertools.accumulate(e for e, _ in r["curve"])) for r in group]    # after each epoch
+        reach = [next((p for p, (_, acc) in zip(ps, r["curve"]) if acc >= target), None)   # the first to reach
+                 for ps, r in zip(passes, group)]
         hits = [h for h in reach if h is not None]
         rows.append({"label": label, "ratio": ratio, "nominal_ratio": nominal, "final": final,
                      "seeds": [r["seed"] for r in group], "diff_to_uniform": m, "ci_half": half,
@@ -218,8 +219,9 @@ def plot(results: dict, directory: str) -> None:
                     ax.errorbar([r["ratio"] for r in sel], [statistics.mean(r["final"]) for r in sel], marker="o",
                                 yerr=[statistics.stdev(r["final"]) if len(r["final"]) > 1 else 0 for r in sel],
                                 capsize=3, label=label)
-        with bench.figure(os.path.join(directory, f"evidence_passes_{name}.png"), "example-passes (full-data epochs)",
-                          "test accuracy (%, mean over seeds)", f"{name}: accuracy vs example-passes (r = {ratio})") as ax:
+        with bench.figure(os.path.join(directory, f"evidence_passes_{name}.png"),
+                          "example-passes (full-data epochs)", "test accuracy (%, mean over seeds)",
+                          f"{name}: accuracy vs example-passes (r = {ratio})") as ax:
             for r in [full] + [r for r in rows if r["ratio"] == ratio and r["label"] in
                                ("uniform", "sadp", "infobatch-matched", "uniform-lrb", "sadp-lrb")]:
                 ax.plot(r["curve_passes"], r["curve"], label=r["label"], lw=1.2)
