@@ -201,3 +201,12 @@ def test_the_committed_log_regenerates_the_committed_summary_without_training(mo
     assert got["trained_now"] == 0 and set(got["sets"]) == set(want) == {"mnist1d", "synthetic"}
     for name in want:
         assert got["sets"][name]["rows"] == want[name]["rows"]
+
+
+def test_infobatch_that_pruned_nothing_matches_at_the_capped_ratio():
+    cfg = evidence.config(quick=True)
+    nominal = [dict(line("infobatch", 0.5, s, 70, []), set="mnist1d", pass_fraction=1.0) for s in range(2)]
+    assert evidence.matched_ratio(cfg, "mnist1d", 0.5, nominal[:1]) is None        # waits for every seed
+    assert evidence.matched_ratio(cfg, "mnist1d", 0.5, nominal) == cfg["max_infobatch_ratio"]
+    nominal = [dict(r, pass_fraction=0.6) for r in nominal]                       # c = 0.4 / 0.5
+    assert evidence.matched_ratio(cfg, "mnist1d", 0.5, nominal) == pytest.approx(0.5 / 0.8)
