@@ -105,13 +105,6 @@ def run_flags(cfg: dict, **flags) -> dict:
             "batch_size": cfg["batch_size"], **flags}
 
 
-def memoize_mnist1d() -> None:
-    """Generate MNIST-1D once per process (it takes seconds) for every train.run that loads it;
-    nothing to do where data.py caches it already."""
-    if not hasattr(data.load_mnist1d, "cache_info"):
-        data.load_mnist1d = functools.lru_cache(maxsize=1)(data.load_mnist1d)
-
-
 @contextlib.contextmanager
 def threads(n: int):
     """torch's intra-op threads set to n inside the block (as in a loader worker: 1)."""
@@ -450,7 +443,6 @@ def bench_netbound(cfg) -> dict:
                   **netbound_scores(model.eval(), x, y, T, batch)}
         weights = [p for m in model.modules() if isinstance(m, NetworkTap.LAYERS) for p in m.parameters()]
         return {"scores": score_stats(per_example_grads(model, x, y, weights), scores)}
-    memoize_mnist1d()                                         # for train.py's runs too
     ds = data.load_dataset("mnist1d")
     flags = run_flags(cfg, data="mnist1d", model="conv1d", device="cpu", amp=False, seed=0)
     snaps, model = snapshots("netbound", cfg, flags, ds, score)

@@ -105,7 +105,6 @@ def wanted(cfg, runs: list[dict]) -> list[dict]:
 
 def worker_init() -> None:
     torch.set_num_threads(1)
-    bench.memoize_mnist1d()
 
 
 def run_job(job: dict) -> dict:

@@ -119,7 +119,6 @@ def test_netbound_trains_mnist1d_with_the_1d_model(monkeypatch):
         parsed.append(real(argv))                       # exits 2 on a refused combination
         raise Stop
     monkeypatch.setattr(bench.train, "parse_args", parse)
-    monkeypatch.setattr(bench, "memoize_mnist1d", lambda: None, raising=False)
     signals = lambda n: (torch.randn(n, 1, 40), torch.arange(n) % 10)
     monkeypatch.setattr(bench.data, "load_dataset", lambda name, **kw: data.ArrayDataset(*signals(8), *signals(4), 10))
     with pytest.raises(Stop):
