@@ -45,7 +45,6 @@ import models
 from netbound import NetworkTap
 from sadp import HeadTap, SADPSampler, all_gather_cat, per_example_loss, spike_aware_loss
 
-METHODS = ("sadp", "uniform", "infobatch", "ann", "full")
 FOLDER_SETS = ("imagenet", "imagefolder")   # streamed from disk (imagefolder.py); the rest: in memory
 # Each family's defaults, the recipe its usual network is trained with (README: "Training script",
 # "ImageNet and other folders of images"). A flag given wins.
@@ -69,8 +68,7 @@ FLAGS = {
     "data": [
         ("--data", dict(choices=data.DATASETS + FOLDER_SETS, default="cifar10"), None,
          "data set (default cifar10); mnist1d needs `pip install mnist1d`, the folders `pip install pillow`"),
-        ("--data-dir", {}, None, "the data sets' cache (default ./data); for imagenet (default "
-         "./data/imagenet) and imagefolder the folder holding train/<class>/ and val/<class>/"),
+        ("--data-dir", {}, None, "data cache (default ./data); imagenet, imagefolder: the folder of train/, val/"),
         ("--no-augment", dict(action="store_true"), None, "no random crop + flip (on for images)")],
     SYNTHETIC: [
         ("--train-size", dict(type=int), at_least(1), "training examples (default 10000)"),
@@ -80,10 +78,10 @@ FLAGS = {
         ("--workers", dict(type=int), at_least(0), "decoding processes per process (default: the cores, <= 8)"),
         ("--decoder", dict(choices=imagefolder.DECODERS), None, "JPEG decoder (default auto)"),
         ("--skip-corrupt", dict(action="store_true"), None, "go on past unreadable images (trained at weight "
-         "0, left out of the accuracy, counted in the row) instead of stopping")],
+         "0, left out of the accuracy, counted in the row)")],
     "model and optimiser": [
-        ("--model", dict(choices=models.MODELS), None, "network (default resnet19; conv1d for mnist1d's "
-         "1-D signals; sew_resnet34 for the folders; convnet for CPU demos)"),
+        ("--model", dict(choices=models.MODELS), None, "network (default resnet19; mnist1d conv1d; the folders "
+         "sew_resnet34; convnet for CPU demos)"),
         ("--T", dict(type=int, default=4), at_least(1), "timesteps (default 4)"),
         ("--epochs", dict(type=int), at_least(1), "epochs (default 200; mnist1d 40; the folders 320)"),
         ("--batch-size", dict(type=int), at_least(1), "global batch, split over the processes (default 128; "
@@ -97,11 +95,10 @@ FLAGS = {
         ("--label-smoothing", dict(type=float, default=0.0), None, "label smoothing (default 0)"),
         ("--per-timestep", dict(action="store_true"), None, "TET loss: the mean over t of CE(o_t)")],
     "method": [
-        ("--method", dict(choices=METHODS, default="sadp"), None, "sadp (default); baselines: full data, "
-         "uniform random subset, infobatch (Qin et al. 2024), ann (spike-blind score)"),
-        ("--ratio", dict(type=float), None, "pruning ratio r in [0, 1): the share of example-passes saved "
-         "(default 0.3; 0 for full)"),
-        ("--epsilon", dict(type=float, default=0.1), None, "sadp/ann: uniform share of p (default 0.1)"),
+        ("--method", dict(choices=("sadp", "uniform", "infobatch", "ann", "full"), default="sadp"), None,
+         "sadp (default); baselines: uniform random subset, infobatch (Qin et al. 2024), ann (spike-blind score)"),
+        ("--ratio", dict(type=float), None, "r in [0, 1), the share of example-passes saved (default 0.3)"),
+        ("--epsilon", dict(type=float, default=0.1), None, "sadp/ann: the uniform share of p (default 0.1)"),
         ("--replacement", dict(action=argparse.BooleanOptionalAction, default=False), None,
          "sadp/ann: draw i.i.d. from p, or each example at most once (default; docs/results.md)"),
         ("--lr-scale", dict(choices=("budget", "none")), None, "budget: lr x 1 / (1 - r), as InfoBatch "
@@ -110,8 +107,7 @@ FLAGS = {
          "of the head (default) or of every conv and linear weight (netbound.py)"),
         ("--exact-score", dict(action="store_true"), None, "sadp: the exact head-gradient norm")],
     "run": [
-        ("--seed", dict(type=int, default=0), ("in [0, 2**32)", lambda v: 0 <= v < 2**32),
-         "seed of the draws, the initial weights and the augmentation (default 0)"),
+        ("--seed", dict(type=int, default=0), ("in [0, 2**32)", lambda v: 0 <= v < 2**32), "seed (default 0)"),
         ("--device", dict(default="auto"), None, "auto (cuda if available), cpu, cuda, cuda:1, ..."),
         ("--amp", dict(action="store_true"), None, "bfloat16 autocast"),
         ("--no-compile", dict(action="store_true"), None, "run the LIF timestep loop eagerly"),
@@ -136,8 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.data == "imagefolder" and args.data_dir is None:
         parser.error("--data imagefolder needs --data-dir DIR, the folder holding train/<class>/ and val/<class>/")
-    if args.data_dir is None:
-        args.data_dir = os.path.join("data", "imagenet") if args.data == "imagenet" else "data"
+    args.data_dir = args.data_dir or (os.path.join("data", "imagenet") if args.data == "imagenet" else "data")
     if folder:
         args.decoder = args.decoder or "auto"
         if args.workers is None:     # the machine's cores, shared among its processes
@@ -281,9 +276,16 @@ def save_checkpoint(out: str, state: dict) -> None:
 
 def read_manifest(out: str) -> dict | None:
     """<out>/checkpoint.json, {"file": "checkpoint-e<epoch>.pt", "sha256": ..., "epoch": int >= 1};
-    None if there is none, a RunError naming it if it is not one this program wrote."""
+    None if --out holds no checkpoint; a RunError naming the file if it is not one this program
+    wrote, or if a checkpoint is there without it (then it can be neither verified nor replaced)."""
     path = os.path.join(out, "checkpoint.json")
     if not os.path.exists(path):
+        listed = os.listdir(out) if os.path.isdir(out) else []
+        files = sorted(f for f in listed if re.fullmatch(r"checkpoint-e\d+\.pt", f))
+        if files:
+            raise RunError(f"{out} holds {', '.join(files)} but not checkpoint.json, the manifest with its SHA-256: "
+                           f"it can be neither verified nor replaced. Restore checkpoint.json (then --resume), or "
+                           f"start a new run with another --out.")
         return None
     try:
         with open(path, "rb") as f:
@@ -297,18 +299,9 @@ def read_manifest(out: str) -> dict | None:
                    f"Restore it from a backup, or start a new run with another --out.")
 
 
-def unlisted_checkpoints(out: str) -> str:
-    """The checkpoint files in `out` (which exists), named in a sentence; '' if there are none."""
-    return ", ".join(sorted(f for f in os.listdir(out) if re.fullmatch(r"checkpoint-e\d+\.pt", f)))
-
-
 def load_checkpoint(out: str, map_location) -> dict:
     """The state in <out>'s last checkpoint, loaded only once its SHA-256 matches the manifest's."""
     manifest = read_manifest(out)
-    if manifest is None and unlisted_checkpoints(out):
-        raise RunError(f"--resume: {out} holds {unlisted_checkpoints(out)} but not checkpoint.json, the manifest "
-                       f"with its SHA-256, so it cannot be verified and is not loaded. Restore checkpoint.json, "
-                       f"or start a new run with another --out.")
     if manifest is None:
         raise RunError(f"--resume: no checkpoint in {out}; run without --resume to start the run.")
     path = os.path.join(out, manifest["file"])
@@ -318,9 +311,8 @@ def load_checkpoint(out: str, map_location) -> dict:
     except OSError as e:
         raise RunError(f"--resume: cannot read {path} ({e}); the run directory is incomplete.") from e
     if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
-        raise RunError(f"--resume: {path} has SHA-256 {hashlib.sha256(payload).hexdigest()} but the manifest "
-                       f"expects {manifest['sha256']}: the file is corrupt. Nothing was loaded; delete {out} "
-                       f"to start over.")
+        raise RunError(f"--resume: {path} does not have the SHA-256 its manifest expects ({manifest['sha256']}): "
+                       f"the file is corrupt. Nothing was loaded; delete {out} to start over.")
     try:       # weights_only: tensors and plain containers only, no code runs
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:       # UnpicklingError, RuntimeError, EOFError, ...: all mean "not ours"
@@ -344,6 +336,8 @@ def last_good(out: str, resume: str = "") -> str:
     return (f"The last good checkpoint (after epoch {manifest['epoch']}) is kept in {out}"
             + (f"; continue from it with {resume}" if resume else "."))
 
+
+# -- Every process: the same outcome, one owner of --out -------------------------------------------
 
 def agree(world_size: int, action, *args):
     """action(*args); a RunError it raises on any rank is raised on every rank, with the lowest
@@ -386,16 +380,11 @@ def claim_out(args, rank: int) -> int | None:
         if manifest is not None and not args.resume:
             raise RunError(f"{args.out} already holds a run (checkpoint after epoch {manifest['epoch']}); pass "
                            f"--resume to continue it, or start fresh with another --out (or delete {args.out}).")
-        if manifest is None and not args.resume and unlisted_checkpoints(args.out):
-            raise RunError(f"{args.out} holds {unlisted_checkpoints(args.out)} without its manifest checkpoint.json; "
-                           f"a new run there would overwrite it. Choose another --out (or delete {args.out}).")
     except BaseException:
         os.close(fd)
         raise
     return fd
 
-
-# -- Setting up: processes, data, model ----------------------------------------------------------
 
 def setup_distributed(args):
     """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK in the environment."""
@@ -413,6 +402,14 @@ def setup_distributed(args):
                        f"processes (it is the global batch, split evenly across ranks).")
     return dist.get_rank(), world_size, device
 
+
+def every_rank(state: torch.Tensor, world_size: int) -> list:
+    """[the state of rank 0, of rank 1, ...] on every rank (a collective under DDP)."""
+    # clone: a view's storage offset is lost on the way through torch.save and set_state
+    return [state] if world_size == 1 else [s.clone() for s in all_gather_cat(state).chunk(world_size)]
+
+
+# -- The data, the model and what the run holds -----------------------------------------------------
 
 class MemorySource:
     """A data set held whole on the device (CIFAR, synthetic, MNIST-1D), with batched crop + flip
@@ -444,7 +441,8 @@ class MemorySource:
 
 
 def make_source(args, rank: int, world_size: int, device, say):
-    """The run's data: a FolderSource for imagenet/imagefolder, else a MemorySource."""
+    """(The run's data: a FolderSource for imagenet/imagefolder, else a MemorySource; the
+    augmentation's generator)."""
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
     started = time.perf_counter()
     say(f"loading --data {args.data} ...")
@@ -458,30 +456,23 @@ def make_source(args, rank: int, world_size: int, device, say):
                 dist.barrier()       # (if rank 0 failed, the others fail the same way)
         source = MemorySource(dataset, device, data.make_normalizer(args.data, device),
                               not args.no_augment and dataset.x_train.dim() == 4, aug_gen)
-        say(f"loaded {source.num_train} training and {source.num_test} test examples in "
-            f"{time.perf_counter() - started:.1f} s")
-        return source, aug_gen
-    folder = imagefolder.scan(args.data_dir)
-    if args.data == "imagenet" and len(folder.classes) != 1000:
-        raise RunError(f"--data imagenet: {args.data_dir} has {len(folder.classes)} classes, ImageNet-1k has "
-                       f"1000; for another set in its layout (ImageNet-100, ...) use --data imagefolder.")
-    source = imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed, rank=rank,
-                                      skip_corrupt=args.skip_corrupt, augment=not args.no_augment,
-                                      decoder=args.decoder)
-    digest = torch.frombuffer(bytearray(source.digest), dtype=torch.uint8)
-    if len({bytes(d.tolist()) for d in every_rank(digest, world_size)}) > 1:     # the same files, in order
-        source.close()
-        raise RunError(f"the processes see different files in {args.data_dir}; every node needs the same copy.")
-    say(f"loaded {args.data_dir}: {len(folder.train)} training and {len(folder.val)} validation images in "
-        f"{len(folder.classes)} classes in {time.perf_counter() - started:.1f} s; decoding with "
-        f"{source.decoder}, {args.workers} worker process(es) per process")
+    else:
+        folder = imagefolder.scan(args.data_dir)
+        if args.data == "imagenet" and len(folder.classes) != 1000:
+            raise RunError(f"--data imagenet: {args.data_dir} has {len(folder.classes)} classes, ImageNet-1k has "
+                           f"1000; for another set in its layout (ImageNet-100, ...) use --data imagefolder.")
+        source = imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed, rank=rank,
+                                          skip_corrupt=args.skip_corrupt, augment=not args.no_augment,
+                                          decoder=args.decoder)
+        digest = torch.frombuffer(bytearray(source.digest), dtype=torch.uint8)
+        if len({bytes(d.tolist()) for d in every_rank(digest, world_size)}) > 1:     # the same files, in order
+            source.close()
+            raise RunError(f"the processes see different files in {args.data_dir}; every node needs the same copy.")
+    streamed = args.data in FOLDER_SETS
+    decoding = f"; decoding with {source.decoder}, {args.workers} worker process(es) each" if streamed else ""
+    say(f"loaded {source.num_train} training and {source.num_test} test examples of {source.num_classes} classes "
+        f"in {time.perf_counter() - started:.1f} s{decoding}")
     return source, aug_gen
-
-
-def every_rank(state: torch.Tensor, world_size: int) -> list:
-    """[the state of rank 0, of rank 1, ...] on every rank (a collective under DDP)."""
-    # clone: a view's storage offset is lost on the way through torch.save and set_state
-    return [state] if world_size == 1 else [s.clone() for s in all_gather_cat(state).chunk(world_size)]
 
 
 def setup(args, rank: int, world_size: int, device) -> SimpleNamespace:
@@ -490,17 +481,14 @@ def setup(args, rank: int, world_size: int, device) -> SimpleNamespace:
     torch.manual_seed(args.seed)
     source, aug_gen = make_source(args, rank, world_size, device, say)
     model = models.build_model(args.model, source.num_classes, T=args.T, compile=not args.no_compile).to(device)
-    try:
-        method = make_method(args, model, source.num_train, rank, world_size)
-    except RunError:
-        source.close()
-        raise
-    ddp = torch.nn.parallel.DistributedDataParallel
+    ddp = functools.partial(torch.nn.parallel.DistributedDataParallel,
+                            device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(
         args=args, rank=rank, world_size=world_size, device=device, main=rank == 0, say=say,
         tty=rank == 0 and not args.quiet and sys.stdout.isatty(),   # progress lines: terminals only
-        source=source, model=model, tap=HeadTap(model.classifier, T=args.T), method=method, aug_gen=aug_gen,
-        train_model=model if world_size == 1 else ddp(model, device_ids=[device.index] if device.type == "cuda" else None),
+        source=source, model=model, tap=HeadTap(model.classifier, T=args.T), aug_gen=aug_gen,
+        method=make_method(args, model, source.num_train, rank, world_size),
+        train_model=model if world_size == 1 else ddp(model),
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                   weight_decay=args.weight_decay),
         amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext,
@@ -574,18 +562,15 @@ def train_epoch(r, epoch: int) -> dict:
 
 
 def progress_line(r, total: int):
-    """show(step, examples): one line, rewritten in place with \r, of an epoch's progress. Only
-    on a terminal (redirected logs stay one row per epoch), at most twice a second; the last
-    step clears it for the epoch's row."""
-    if not r.tty:
-        return lambda step, examples: None
+    """show(step, examples): the epoch's progress on one line, rewritten in place with \r at most
+    twice a second and cleared at the last step; only on a terminal (logs keep one row an epoch)."""
     t0, shown = time.perf_counter(), [-math.inf]
 
     def show(step: int, examples: int) -> None:
         now = time.perf_counter()
-        if step == total:
+        if r.tty and step == total:
             print("\r" + " " * 60 + "\r", end="", flush=True)
-        elif now - shown[0] >= 0.5:
+        elif r.tty and now - shown[0] >= 0.5:
             shown[0] = now
             print(f"\r  step {step}/{total}  {now - t0:.0f} s  {examples / max(now - t0, 1e-9):.0f} examples/s",
                   end="", flush=True)
@@ -621,7 +606,7 @@ def evaluate(r, batch_size: int = 500) -> tuple[float, int]:
     return hits / max(total, 1), skipped
 
 
-# -- The run: checkpoints, epochs, summary -------------------------------------------------------
+# -- The run: resume, epochs, checkpoints, summary -------------------------------------------------
 
 def run_state(r) -> dict:
     """What a checkpoint holds, key -> (get, set): saving and resuming both read this one table."""
@@ -750,7 +735,7 @@ def train_epochs(r, started: float) -> dict:
                  wall_seconds=wall_before + time.perf_counter() - started)
         r.say(" ".join(f"{row[k]:>{COLUMNS[k][0]}{COLUMNS[k][1]}}" for k in row))
         state = {key: get() for key, (get, _) in run_state(r).items()}   # every rank: aug_rng is gathered
-        write_on_rank0(r, lambda: save_checkpoint(args.out, state), f"the checkpoint of epoch {epoch + 1} to {args.out}")
+        write_on_rank0(r, lambda: save_checkpoint(args.out, state), f"epoch {epoch + 1}'s checkpoint to {args.out}")
     return summarise(r)
 
 
