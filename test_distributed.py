@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -132,3 +133,83 @@ def test_torchrun_two_processes_stream_an_imagefolder_and_resume_exactly(tmp_pat
     code, out = _torchrun(flags(root, tmp_path / "split", *common, "--resume"), timeout=300)
     assert code == 0, out
     assert_same_checkpoint(tmp_path / "ddp", tmp_path / "split", epoch=2)
+
+
+def _main_worker(rank, world_size, port, argv, out_dir, full_disk):
+    """train.main(argv) as rank `rank` of a torchrun-like group; its exit status and stderr go to
+    out_dir/rank<rank>.json. full_disk: rank 0's disk fills after epoch 1's checkpoint."""
+    import contextlib
+    import errno
+    import io
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
+                      RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(fd):
+        calls.append(fd)
+        if len(calls) > 2:                        # epoch 1: checkpoint + manifest; then full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    if full_disk and rank == 0:
+        os.fsync = fsync_until_full
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train.main(argv)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"code": code, "err": err.getvalue()}, f)
+
+
+def _spawn_main(tmp_path, argv, full_disk=False, world_size=2, timeout=240):
+    """[(exit status, stderr)] of each rank of train.main(argv) under world_size processes; fails
+    if a rank is still running after `timeout` s (e.g. waiting at a barrier for one that stopped)."""
+    reports = tmp_path / f"reports-{free_port()}"
+    reports.mkdir()
+    context = mp.spawn(_main_worker, args=(world_size, free_port(), argv, str(reports), full_disk),
+                       nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0)):    # True once all ended
+            if time.monotonic() >= deadline:
+                pytest.fail(f"a rank was still running after {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    results = []
+    for rank in range(world_size):
+        with open(reports / f"rank{rank}.json") as f:
+            report = json.load(f)
+        results.append((report["code"], report["err"]))
+    return results
+
+
+SMALL = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-compile", "--train-size", "400",
+         "--test-size", "100", "--batch-size", "32", "--T", "2", "--quiet"]
+
+
+def test_resuming_with_another_number_of_processes_gets_the_same_message_on_every_rank(tmp_path, capsys):
+    """1 -> 2 processes: rank 1 called the checkpoint "not a checkpoint of this program", rank 0
+    died with a gloo traceback; 2 -> 1 continued silently (issue 17, item 3)."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert train.main(SMALL + ["--out", one, "--epochs", "2", "--stop-after", "1"]) == 0
+    for code, err in _spawn_main(tmp_path, SMALL + ["--out", one, "--epochs", "2", "--resume"]):
+        assert code == 2 and "Traceback" not in err, err
+        assert err.count("\n") == 1 and "trained by 1 process(es), this run has 2" in err, err
+    assert [code for code, _ in _spawn_main(tmp_path, SMALL + ["--out", two, "--epochs", "2", "--stop-after", "1"])] \
+        == [0, 0]
+    capsys.readouterr()
+    assert train.main(SMALL + ["--out", two, "--epochs", "2", "--resume"]) == 2
+    assert "trained by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_a_full_disk_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 could not write its checkpoint; the other rank waited at a barrier until the
+    process group's timeout (issue 17, item 10)."""
+    out = tmp_path / "run"
+    results = _spawn_main(tmp_path, SMALL + ["--out", str(out), "--epochs", "3"], full_disk=True)
+    for code, err in results:
+        assert code == 2 and "No space left on device" in err and "after epoch 1" in err, err
+    assert results[0][1] == results[1][1]
+    assert train.read_manifest(str(out))["epoch"] == 1

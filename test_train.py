@@ -1,11 +1,14 @@
 """End-to-end tests of train.py on the synthetic data set (CPU, eager, seconds each)."""
 
+import contextlib
+import io
 import json
 import math
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 
@@ -58,6 +61,8 @@ def test_baselines_run_with_their_budgets(tmp_path, method):
         assert 1000 * 0.5 < s["history"][1]["examples"] < 1000
     else:
         assert all(r["examples"] == 500 for r in s["history"])
+    # the passes made, not 1 / (1 - r): InfoBatch's first epoch is full data (issue 17, item 7)
+    assert s["theoretical_speedup"] == pytest.approx(s["full_data_passes"] / s["example_passes"])
 
 
 def test_score_network_runs_and_records_the_network_bound(tmp_path):
@@ -206,6 +211,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     (["--method", "infobatch", "--seed", "100000000000000"], "--seed"),
     (["--data", "synthetic", "--train-size", "1", "--ratio", "0.6"], "leaves no example"),
     (["--device", "meta"], "--device"),
+    # issue 17, item 5: a RuntimeError traceback at the first step
+    (["--data", "imagefolder", "--data-dir", ".", "--model", "vgg11", "--image-size", "16"],
+     "--image-size 16 is below the minimum 32 of --model vgg11"),
 ])
 def test_invalid_flags_exit_2_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -440,3 +448,180 @@ def test_progress_line_on_a_terminal_only(tmp_path, capsys, monkeypatch, tty):
     train.run(args)
     out = capsys.readouterr().out
     assert ("\r" in out) == tty and ("examples/s" in out) == tty
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 16 item 3 and issue 17 (train side): the loop, its messages and its corners
+# ---------------------------------------------------------------------------------------------
+
+class CountSyncs(TorchDispatchMode):
+    """Counts aten._local_scalar_dense: every .item(), bool(tensor), int(tensor) goes through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_makes_no_host_device_sync(tmp_path):
+    """An epoch of 6 steps reads as many scalars off tensors as one of 2: the steps read none,
+    only the epoch's end does (on a GPU each read would stall the host until the device is done)."""
+    def syncs(steps: int) -> int:
+        args = train.parse_args(SMALL + ["--out", str(tmp_path / str(steps)), "--ratio", "0.5",
+                                         "--train-size", str(2 * 64 * steps)])     # 64 * steps draws
+        r = train.setup(args, 0, 1, torch.device("cpu"))
+        with CountSyncs() as mode:
+            row = train.train_epoch(r, 0)
+        assert row["examples"] == 64 * steps
+        return mode.count
+    assert syncs(2) == syncs(6)
+
+
+def test_run_takes_only_what_a_user_passes_and_the_help_quotes_no_measured_figure():
+    import inspect
+    import re
+    assert list(inspect.signature(train.run).parameters) == ["args"]
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as help_text:
+        train.parse_args(["--help"])
+    flags_help = help_text.getvalue().split("\noptions:")[1]           # after the module docstring
+    assert "--replacement" in flags_help
+    assert not re.search(r"\d\s?x\b|\d\s?%", flags_help)        # figures go stale: docs/ has them
+
+
+def test_the_synthetic_data_do_not_follow_seed(tmp_path, monkeypatch):
+    """Runs paired by --seed must train on the same data; only the draws and the weights differ."""
+    loaded, real_load = [], train.data.load_dataset
+    monkeypatch.setattr(train.data, "load_dataset", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    for seed in ("0", "1"):
+        assert train.main(SMALL + ["--out", str(tmp_path / seed), "--epochs", "1", "--train-size", "100",
+                                   "--test-size", "50", "--seed", seed]) == 0
+    assert torch.equal(loaded[0].x_train, loaded[1].x_train) and torch.equal(loaded[0].y_test, loaded[1].y_test)
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, capsys):
+    """A checkpoint of a 2-process run (one augmentation stream per process) resumed by one
+    process continued silently, its draw split for another world size (issue 17, item 3)."""
+    out = str(tmp_path / "run")
+    assert train.main(SMALL + ["--out", out, "--epochs", "2", "--stop-after", "1"]) == 0
+    state = train.load_checkpoint(out, "cpu")
+    state["aug_rng"] = state["aug_rng"] * 2                  # as rank 0 and rank 1 save it
+    train.save_checkpoint(out, state)
+    capsys.readouterr()
+    assert train.main(SMALL + ["--out", out, "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trained by 2 process(es), this run has 1" in err and "--nproc_per_node=2" in err
+    assert train.read_manifest(out)["epoch"] == 1
+
+
+def test_unreadable_validation_images_are_counted_and_left_out_of_the_accuracy(tmp_path):
+    from test_imagefolder import flags, write_folder
+    root = write_folder(tmp_path / "ds")
+    with open(os.path.join(root, "val", "owl", "1.JPEG"), "wb") as f:
+        f.write(b"not a JPEG")
+    s = train.run(train.parse_args(flags(root, tmp_path / "run", "--epochs", "1", "--skip-corrupt")))
+    assert s["history"][0]["val_skipped"] == 1 and s["val_skipped"] == 1
+    assert s["history"][0]["skipped"] == 0
+    # 5 readable validation images: the accuracy is a multiple of 1/5
+    assert s["final_test_acc"] * 5 == pytest.approx(round(s["final_test_acc"] * 5))
+
+
+def test_a_corrupt_image_before_any_checkpoint_says_to_rerun(tmp_path, capsys):
+    from test_imagefolder import flags, write_folder
+    root = write_folder(tmp_path / "ds")
+    with open(os.path.join(root, "train", "cat", "0.JPEG"), "wb") as f:
+        f.write(b"not a JPEG")
+    assert train.main(flags(root, tmp_path / "run", "--epochs", "1", "--ratio", "0.0")) == 2
+    err = capsys.readouterr().err
+    assert "No checkpoint was written yet, so there is nothing to resume: rerun" in err
+    assert "last good checkpoint" not in err
+
+
+def test_resume_of_a_run_stopped_where_stop_after_asks_says_how_to_continue(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    flags = SMALL[:-1] + ["--out", out, "--epochs", "3", "--stop-after", "2"]
+    assert train.main(flags) == 0
+    capsys.readouterr()
+    assert train.main(flags + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "already stopped after epoch 2 of 3" in said and "--stop-after" in said
+    assert "another --out" not in said and train.read_manifest(out)["epoch"] == 2
+
+
+def test_resume_of_a_finished_run_without_results_json_rewrites_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = run(tmp_path, "--epochs", "1")
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert train.main(SMALL[:-1] + ["--out", str(out), "--epochs", "1", "--resume"]) == 0
+    assert "rewritten from the last checkpoint" in capsys.readouterr().out
+    rewritten = json.loads((out / "results.json").read_text())
+    for key in ("history", "example_passes", "final_test_acc", "wall_seconds"):
+        assert rewritten[key] == first[key], key
+
+
+def test_a_checkpoint_without_its_manifest_is_named_and_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2"]) == 0
+    (out / "checkpoint.json").unlink()
+    before = (out / "checkpoint-e2.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-e2.pt" in err and "checkpoint.json" in err and "without --resume" not in err
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2"]) == 2          # a new run
+    assert "checkpoint-e2.pt" in capsys.readouterr().err
+    assert (out / "checkpoint-e2.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("epoch", ["1e400", "-1", "true", "\"1\""])
+def test_a_manifest_of_another_shape_is_a_clear_error(tmp_path, capsys, epoch):
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "1"]) == 0
+    manifest = (out / "checkpoint.json").read_text()
+    (out / "checkpoint.json").write_text(manifest.replace('"epoch": 1', f'"epoch": {epoch}'))
+    capsys.readouterr()
+    assert train.main(SMALL + ["--out", str(out), "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint manifest of this program" in err and "Traceback" not in err
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_command(tmp_path, monkeypatch, capsys):
+    import shlex
+    out = tmp_path / "run"
+    argv = SMALL + ["--out", str(out), "--epochs", "2"]
+    real_epoch = train.train_epoch
+
+    def interrupted_in_epoch_2(r, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(r, epoch)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    try:
+        code = train.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left main() as a KeyboardInterrupt, with its traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "after epoch 1" in err and str(out) in err
+    command = shlex.split(err.split("this command: ")[1].rstrip(". \n"))
+    assert command[:2] == ["python", os.path.relpath(train.__file__)] and command[-1] == "--resume"
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    assert train.main(command[2:]) == 0
+    assert train.read_manifest(str(out))["epoch"] == 2
+
+
+def test_loading_and_compiling_each_print_a_line_when_they_start_and_end(tmp_path, capsys, monkeypatch):
+    import models
+    real_build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: real_build(*a, **{**k, "compile": False}))
+    flags = [f for f in SMALL if f not in ("--no-compile", "--quiet")] + ["--epochs", "2"]
+    train.run(train.parse_args(flags + ["--out", str(tmp_path / "run")]))
+    said = capsys.readouterr().out
+    assert said.index("loading --data synthetic") < said.index("loaded 1000 training and 500 test examples")
+    assert said.count("compiling the LIF loop") == 1 and said.count("compiled in") == 1
+    assert said.index("compiling") < said.index("compiled in") < said.index("\n    1 ")
