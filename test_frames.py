@@ -272,6 +272,10 @@ def damage(kind, path):
         np.savez_compressed(path, data=good)
     elif kind == "truncated":
         path.write_bytes(path.read_bytes()[:100])
+    elif kind == "corrupted":                                    # a bad CRC inside a whole archive
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 3:len(raw) // 3 + 20] = bytes(20)
+        path.write_bytes(raw)
     elif kind == "not numpy":
         path.write_bytes(b"<html>404 Not Found</html>")
     elif kind == "pickle":
@@ -282,7 +286,7 @@ def damage(kind, path):
 
 
 @pytest.mark.parametrize("kind", ["rank", "channels", "T", "H", "W", "nan", "inf", "negative", "fractional",
-                                  "no frames key", "truncated", "not numpy", "pickle"])
+                                  "no frames key", "truncated", "corrupted", "not numpy", "pickle"])
 def test_a_bad_frames_file_is_named(tmp_path, kind):
     make_cifar10dvs(tmp_path, {"a": 3, "b": 3})
     bad = damage(kind, tmp_path / "b" / "cifar10_b_2.npz")
