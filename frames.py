@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from data import ArrayDataset, DataError, augment
@@ -77,7 +78,7 @@ def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: in
     labels = lambda part: torch.tensor([label for _, label in part], dtype=torch.int64)
     info.update(T=want[0], size=want[2:], classes=classes, layout=layout, source=source,
                 folder=str(folder), bytes=x_train.nbytes + x_test.nbytes)
-    return ArrayDataset(x_train, labels(train), x_test, labels(test), len(classes)), info
+    return ArrayDataset(x_train, labels(train), x_test, labels(test), len(classes), source=str(folder)), info
 
 
 def find_folder(root: Path, T: int | None) -> Path:
@@ -210,6 +211,18 @@ def _stack(paths: list[Path], want: tuple, origin: str, read, info: dict) -> Ten
         np.minimum(a, 255, out=out[i], casting="unsafe")
         info["file_bytes"] += path.stat().st_size
     return torch.from_numpy(out)
+
+
+def resize_frames(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 counts [B, T, 2, H, W] -> float32 [B, T, 2, *size] on x's device, each pixel the mean
+    count over the sensor pixels it covers (area interpolation: no event is dropped, as sampling
+    every k-th pixel would)."""
+    B, T, C, H, W = x.shape
+    x = x.float()
+    if (H, W) == tuple(size):
+        return x
+    x = F.interpolate(x.view(B * T, C, H, W), size=tuple(size), mode="area")
+    return x.view(B, T, C, *size)
 
 
 def augment_frames(x: Tensor, generator: torch.Generator | None, *, shift: int = 5, flip: bool = True) -> Tensor:

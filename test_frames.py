@@ -378,3 +378,13 @@ def test_augment_frames_reproducible_from_the_generator_state():
     g.set_state(state)
     assert torch.equal(frames.augment_frames(x, g), a) and not torch.equal(a, b)
     assert torch.equal(frames.augment_frames(x, g, shift=0, flip=False), x)
+
+
+def test_resize_frames_keeps_the_total_count_and_each_frame_apart():
+    x = torch.zeros(2, 3, 2, 8, 8, dtype=torch.uint8)
+    x[0, 1, 0, 2:6, 2:6] = 4                     # frame 1, polarity 0 of example 0 only
+    y = frames.resize_frames(x, (4, 4))
+    assert y.shape == (2, 3, 2, 4, 4) and y.dtype == torch.float32
+    assert y[0, 1, 0].sum() * 4 == pytest.approx(float(x[0, 1, 0].sum()))   # area-averaged: counts / 4
+    assert y.sum() == y[0, 1, 0].sum()           # no count leaks to another frame, polarity or example
+    assert torch.equal(frames.resize_frames(x, (8, 8)), x.float())
