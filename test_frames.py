@@ -3,6 +3,7 @@ np.savez_compressed(file, frames=float64 counts [T, 2, H, W]), events as Spiking
 .npz (t, x, y, p) or tonic's structured arrays saved with np.save."""
 
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -388,3 +389,72 @@ def test_resize_frames_keeps_the_total_count_and_each_frame_apart():
     assert y[0, 1, 0].sum() * 4 == pytest.approx(float(x[0, 1, 0].sum()))   # area-averaged: counts / 4
     assert y.sum() == y[0, 1, 0].sum()           # no count leaks to another frame, polarity or example
     assert torch.equal(frames.resize_frames(x, (8, 8)), x.float())
+
+
+def learnable_nmnist(root, n_train=30, n_test=10, T=4, side=34, seed=0):
+    """N-MNIST's layout (train/ and test/ class folders of SpikingJelly frames): class c fires in
+    band c of the sensor, at a place that moves over time, plus noise everywhere."""
+    rng = np.random.default_rng(seed)
+    for split, n in ("train", n_train), ("test", n_test):
+        for c in range(3):
+            for i in range(n):
+                a = rng.poisson(0.05, (T, 2, side, side)).astype(np.float64)
+                for t in range(T):
+                    rows = slice(c * side // 3, (c + 1) * side // 3)
+                    cols = slice(t * side // T, (t + 1) * side // T)
+                    a[t, c % 2, rows, cols] += rng.poisson(2.0, a[t, 0, rows, cols].shape)
+                save_frames(root / f"frames_number_{T}_split_by_number" / split / str(c) / f"{i}.npz", a)
+    return root
+
+
+FRAMES_RUN = ["--data", "nmnist", "--T", "4", "--model", "convnet", "--image-size", "16", "--epochs", "5",
+              "--batch-size", "8", "--ratio", "0.3", "--device", "cpu", "--no-compile", "--quiet"]
+
+
+def test_train_py_learns_an_event_set_with_sadp(tmp_path):
+    import train
+    root = learnable_nmnist(tmp_path / "NMNIST")
+    assert train.main(FRAMES_RUN + ["--data-dir", str(root), "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert summary["final_test_acc"] >= 0.8                      # chance: 1/3
+    assert summary["example_passes"] == 5 * round(0.7 * 90)
+
+
+def test_train_py_event_set_errors_exit_2(tmp_path, capsys):
+    import train
+    root = learnable_nmnist(tmp_path / "NMNIST", n_train=2, n_test=1)
+    assert train.main(FRAMES_RUN + ["--data-dir", str(root), "--T", "5", "--out", str(tmp_path / "a")]) == 2
+    assert "frames_number_4_split_by_number" in capsys.readouterr().err      # the T the folder holds
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--data", "nmnist"])
+    assert e.value.code == 2 and "needs --data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", "cifar10", "--image-size", "16"])
+    assert "--image-size is for the folders and the event sets" in capsys.readouterr().err
+
+
+def test_event_batches_are_resized_and_augmented_on_the_device(tmp_path):
+    import train
+    root = learnable_nmnist(tmp_path / "NMNIST", n_train=2, n_test=1)
+    args = train.parse_args(["--data", "cifar10dvs", "--data-dir", str(root), "--T", "4", "--image-size", "24",
+                             "--model", "convnet", "--device", "cpu"])
+    recipe = dict(frames.RECIPES["cifar10dvs"], sensor_size=(34, 34))
+    gen = torch.Generator().manual_seed(0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(frames.RECIPES, "cifar10dvs", recipe)          # the no-split set's flip + shift
+        source = train.event_source(args, torch.device("cpu"), gen, lambda *a: None)
+    (idx, x, y, keep), = source.train_batches(0, [torch.arange(6)])
+    assert x.shape == (6, 4, 2, 24, 24) and x.dtype == torch.float32 and keep is None
+    plain = frames.resize_frames(source.x_train[:6], (24, 24))
+    assert not torch.equal(x, plain)                            # flipped or shifted
+    (xt, yt), = source.test_batches(0, 1, 100)
+    assert torch.equal(xt, frames.resize_frames(source.x_test, (24, 24)))   # test frames: resized only
+
+
+def test_torchrun_two_processes_train_an_event_set(tmp_path):
+    from test_distributed import _torchrun
+    root = learnable_nmnist(tmp_path / "NMNIST")
+    code, out = _torchrun(FRAMES_RUN + ["--data-dir", str(root), "--out", str(tmp_path / "ddp")], timeout=300)
+    assert code == 0, out
+    summary = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert summary["final_test_acc"] >= 0.8 and summary["world_size"] == 2

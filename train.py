@@ -40,18 +40,23 @@ except ImportError:
 
 import baselines
 import data
+import frames
 import imagefolder
 import models
 from netbound import NetworkTap
 from sadp import HeadTap, SADPSampler, all_gather_cat, per_example_loss, spike_aware_loss
 
 FOLDER_SETS = ("imagenet", "imagefolder")   # streamed from disk (imagefolder.py); the rest: in memory
+EVENT_SETS = tuple(frames.RECIPES)           # event-camera frames from --data-dir (frames.py)
 # Each family's defaults, the recipe its usual network is trained with (README: "Training script",
 # "ImageNet and other folders of images"). A flag given wins.
 RECIPES = {
-    "cifar": dict(model="resnet19", epochs=200, batch_size=128, weight_decay=5e-4),  # tdBN / TET
-    "mnist1d": dict(model="conv1d", epochs=40, batch_size=128, weight_decay=5e-4),
-    "folder": dict(model="sew_resnet34", epochs=320, batch_size=256, weight_decay=0.0, image_size=224),
+    "cifar": dict(model="resnet19", T=4, epochs=200, batch_size=128, weight_decay=5e-4),  # tdBN / TET
+    "mnist1d": dict(model="conv1d", T=4, epochs=40, batch_size=128, weight_decay=5e-4),
+    "folder": dict(model="sew_resnet34", T=4, epochs=320, batch_size=256, weight_decay=0.0, image_size=224),
+    # the event sets: the CIFAR optimiser and epochs; network, T and input size from frames.RECIPES
+    **{name: dict(model=r["model"], T=r["T"], epochs=200, batch_size=128, weight_decay=5e-4, image_size=r["size"][0])
+       for name, r in frames.RECIPES.items()},
 }
 
 
@@ -66,15 +71,17 @@ SYNTHETIC, STREAMED = "--data synthetic", "--data imagenet / imagefolder"     # 
 # (None) defaults come from RECIPES; sadp.py checks --ratio, --epsilon and --label-smoothing.
 FLAGS = {
     "data": [
-        ("--data", dict(choices=data.DATASETS + FOLDER_SETS, default="cifar10"), None,
+        ("--data", dict(choices=data.DATASETS + FOLDER_SETS + EVENT_SETS, default="cifar10"), None,
          "data set (default cifar10); mnist1d needs `pip install mnist1d`, the folders `pip install pillow`"),
-        ("--data-dir", {}, None, "data cache (default ./data); imagenet, imagefolder: the folder of train/, val/"),
+        ("--data-dir", {}, None, "data cache (default ./data); imagenet, imagefolder: the folder of train/, val/; "
+         "the event sets: SpikingJelly's root (README)"),
+        ("--image-size", dict(type=int), at_least(8), "folders: crop size (default 224); event sets: the side "
+         "frames are resized to (default per set)"),
         ("--no-augment", dict(action="store_true"), None, "no random crop + flip (on for images)")],
     SYNTHETIC: [
         ("--train-size", dict(type=int), at_least(1), "training examples (default 10000)"),
         ("--test-size", dict(type=int), at_least(1), "test examples (default 2000)")],
     STREAMED: [
-        ("--image-size", dict(type=int), at_least(8), "crop size in pixels (default 224)"),
         ("--workers", dict(type=int), at_least(0), "decoding processes per process (default: the cores, <= 8)"),
         ("--decoder", dict(choices=imagefolder.DECODERS), None, "JPEG decoder (default auto)"),
         ("--skip-corrupt", dict(action="store_true"), None, "go on past unreadable images (trained at weight "
@@ -82,7 +89,7 @@ FLAGS = {
     "model and optimiser": [
         ("--model", dict(choices=models.MODELS), None, "network (default resnet19; mnist1d conv1d; the folders "
          "sew_resnet34; convnet for CPU demos)"),
-        ("--T", dict(type=int, default=4), at_least(1), "timesteps (default 4)"),
+        ("--T", dict(type=int), at_least(1), "timesteps (default 4; event sets: their recipe's frames)"),
         ("--epochs", dict(type=int), at_least(1), "epochs (default 200; mnist1d 40; the folders 320)"),
         ("--batch-size", dict(type=int), at_least(1), "global batch, split over the processes (default 128; "
          "the folders 256)"),
@@ -127,11 +134,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             arguments.add_argument(flag, help=help_text, **keywords)
     args = parser.parse_args(argv)
     folder = args.data in FOLDER_SETS
-    for key, value in RECIPES["folder" if folder else "mnist1d" if args.data == "mnist1d" else "cifar"].items():
+    family = "folder" if folder else args.data if args.data in RECIPES else "cifar"
+    for key, value in RECIPES[family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.data == "imagefolder" and args.data_dir is None:
         parser.error("--data imagefolder needs --data-dir DIR, the folder holding train/<class>/ and val/<class>/")
+    if args.data in EVENT_SETS and args.data_dir is None:
+        parser.error(f"--data {args.data} needs --data-dir DIR, SpikingJelly's root of the set (README)")
     args.data_dir = args.data_dir or (os.path.join("data", "imagenet") if args.data == "imagenet" else "data")
     if folder:
         args.decoder = args.decoder or "auto"
@@ -160,6 +170,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 parser.error(f"{flag} is for {group} only")
             if valid is not None and value is not None and not valid[1](value):
                 parser.error(f"{flag} must be {valid[0]}; got {value}")
+    if args.image_size is not None and args.data not in FOLDER_SETS + EVENT_SETS:
+        parser.error(f"--image-size is for the folders and the event sets, not --data {args.data}")
     if (args.model == "conv1d") != (args.data == "mnist1d"):
         parser.error(f"--model {args.model} does not take --data {args.data}: conv1d is the network "
                      f"for mnist1d's 1-D signals, the others are for images")
@@ -412,29 +424,28 @@ def every_rank(state: torch.Tensor, world_size: int) -> list:
 # -- The data, the model and what the run holds -----------------------------------------------------
 
 class MemorySource:
-    """A data set held whole on the device (CIFAR, synthetic, MNIST-1D), with batched crop + flip
-    there; imagefolder.FolderSource, with the same interface, streams the sets that do not fit."""
+    """A data set held whole on the device (CIFAR, synthetic, MNIST-1D, event frames as uint8
+    counts), each batch transformed there: `train(x)` (augment, normalise) and `test(x)`;
+    imagefolder.FolderSource, with the same interface, streams the sets that do not fit."""
 
     skipped, wait_seconds = 0, 0.0               # nothing here is unreadable, nor waited for
 
-    def __init__(self, dataset: data.ArrayDataset, device, norm, augment: bool, aug_gen):
+    def __init__(self, dataset: data.ArrayDataset, device, train, test):
         self.x_train, self.y_train = dataset.x_train.to(device), dataset.y_train.to(device)
         self.x_test, self.y_test = dataset.x_test.to(device), dataset.y_test.to(device)
         self.num_train, self.num_test, self.num_classes = len(self.x_train), len(self.x_test), dataset.num_classes
-        self.device, self.norm, self.augment, self.aug_gen = device, norm, augment, aug_gen
+        self.device, self.train, self.test = device, train, test
 
     def train_batches(self, epoch: int, batches: list[torch.Tensor]):
         """(idx, x, y, keep) per minibatch of CPU indices. keep: None, or (FolderSource under
         --skip-corrupt) a 0/1 tensor, 0 for the black stand-in of an unreadable image."""
         for idx in batches:
             idx_dev = idx.to(self.device, non_blocking=True)
-            xb = self.x_train[idx_dev]
-            xb = data.augment(xb, generator=self.aug_gen) if self.augment else xb
-            yield idx, self.norm(xb), self.y_train[idx_dev], None
+            yield idx, self.train(self.x_train[idx_dev]), self.y_train[idx_dev], None
 
     def test_batches(self, rank: int, world_size: int, batch_size: int):
         for start in range(rank * batch_size, self.num_test, batch_size * world_size):
-            yield self.norm(self.x_test[start:start + batch_size]), self.y_test[start:start + batch_size]
+            yield self.test(self.x_test[start:start + batch_size]), self.y_test[start:start + batch_size]
 
     def close(self) -> None:
         pass
@@ -446,7 +457,9 @@ def make_source(args, rank: int, world_size: int, device, say):
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
     started = time.perf_counter()
     say(f"loading --data {args.data} ...")
-    if args.data not in FOLDER_SETS:
+    if args.data in EVENT_SETS:
+        source = event_source(args, device, aug_gen, say)
+    elif args.data not in FOLDER_SETS:
         if world_size > 1 and rank != 0:
             dist.barrier()           # rank 0 downloads and verifies first; the others then read
         try:    # the synthetic set keeps its own seed 0, not --seed: runs paired by seed see the same data
@@ -454,8 +467,10 @@ def make_source(args, rank: int, world_size: int, device, say):
         finally:
             if rank == 0 and world_size > 1:
                 dist.barrier()       # (if rank 0 failed, the others fail the same way)
-        source = MemorySource(dataset, device, data.make_normalizer(args.data, device),
-                              not args.no_augment and dataset.x_train.dim() == 4, aug_gen)
+        norm = data.make_normalizer(args.data, device)
+        augment = not args.no_augment and dataset.x_train.dim() == 4
+        train = (lambda x: norm(data.augment(x, generator=aug_gen))) if augment else norm
+        source = MemorySource(dataset, device, train, norm)
     else:
         folder = imagefolder.scan(args.data_dir)
         if args.data == "imagenet" and len(folder.classes) != 1000:
@@ -475,12 +490,27 @@ def make_source(args, rank: int, world_size: int, device, say):
     return source, aug_gen
 
 
+def event_source(args, device, aug_gen, say) -> MemorySource:
+    """An event set's frames (frames.load_frames: the split, where the set has none, is seeded
+    by the file names alone, the same on every rank and resume), resized on the device per
+    batch, flipped and shifted as its recipe says."""
+    recipe = frames.RECIPES[args.data]
+    dataset, info = frames.load_frames(args.data_dir, args.T, sensor_size=recipe["sensor_size"])
+    say(f"{info['folder']}: T = {info['T']}, {info['size'][0]}x{info['size'][1]} px, {info['layout']}, "
+        f"{info['bytes'] / 2**20:.1f} MiB as uint8 counts ({info['clipped']} counts above 255 clipped)")
+    resize = functools.partial(frames.resize_frames, size=(args.image_size, args.image_size))
+    augment = not args.no_augment and (recipe["shift"] or recipe["flip"])
+    train = (lambda x: frames.augment_frames(resize(x), aug_gen, shift=recipe["shift"], flip=recipe["flip"]))
+    return MemorySource(dataset, device, train if augment else resize, resize)
+
+
 def setup(args, rank: int, world_size: int, device) -> SimpleNamespace:
     """Everything a run holds: its place, its data source, model, optimizer, method, RNGs."""
     say = functools.partial(print, flush=True) if rank == 0 and not args.quiet else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     source, aug_gen = make_source(args, rank, world_size, device, say)
-    model = models.build_model(args.model, source.num_classes, T=args.T, compile=not args.no_compile).to(device)
+    model = models.build_model(args.model, source.num_classes, T=args.T, compile=not args.no_compile,
+                               in_channels=2 if args.data in EVENT_SETS else None).to(device)
     ddp = functools.partial(torch.nn.parallel.DistributedDataParallel,
                             device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(
