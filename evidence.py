@@ -8,7 +8,8 @@ the synthetic set at r = 0.7). LABELS names the methods: `-lrb` trains with lr x
 (--lr-scale budget, the others --lr-scale none), `-lr2` at lr 0.2, `sadp-iid` draws with
 replacement, `infobatch-matched` runs InfoBatch at the ratio whose example-passes match the
 others' (matched_ratio). Per data set one table: final test accuracy (mean ± sd), the paired
-difference to uniform at the same ratio and seed with its 95% t-interval, the example-passes,
+difference to uniform at the same ratio, seed and step-size rule (sadp-lrb - uniform-lrb) with
+its 95% t-interval, the example-passes,
 and the passes (in full-data epochs) until test accuracy first reaches full data's final - 0.5 pp.
 
 Runs go to a pool of single-threaded worker processes (--set workers=N); each finished run is
@@ -61,6 +62,10 @@ def config(quick: bool) -> dict:
                                        "uniform-lr2": [0.5, 0.7], "full-lr2": [0.0]})},
         "synthetic": {"epochs": 10, "seeds": q(0, 3), "ratios": [0.7],
                       "labels": ["uniform", "sadp", "sadp-lrb", "uniform-lrb"], "variants": {}},
+        # an event set, where one is on disk (README: "Event-camera data"); seeds 0: skipped.
+        # flags: train.py's, over the rest (data_dir is required; device and compile as you like)
+        "events": {"epochs": q(2, 200), "seeds": 0, "ratios": [0.3], "labels": ["sadp-lrb", "uniform-lrb"],
+                   "variants": {}, "flags": {"data": "cifar10dvs", "data_dir": None}},
         "workers": 2, "max_infobatch_ratio": 0.95,
     }
 
@@ -85,8 +90,9 @@ def wanted(cfg, runs: list[dict]) -> list[dict]:
     """Every run the configuration asks for, given the runs so far (InfoBatch's matched runs wait
     for their ratio): its identity (KEY) and its train.py flags, InfoBatch's nominal runs first."""
     jobs = []
-    for name, recipe in SETS.items():
+    for name in (*SETS, "events"):
         c = cfg[name]
+        recipe = SETS.get(name, {})
         pairs = [("full", 0.0)] + [(label, r) for r in c["ratios"] for label in c["labels"]]
         pairs += [(label, r) for label, ratios in c["variants"].items() for r in ratios]
         pairs += [("infobatch-matched", r) for r in c["ratios"] if "infobatch" in c["labels"]]
@@ -97,7 +103,8 @@ def wanted(cfg, runs: list[dict]) -> list[dict]:
             full = LABELS[label]["method"] == "full"
             for seed in range(c["seeds"]):
                 flags = {**recipe, "epochs": c["epochs"], "lr_scale": "none", **LABELS[label], "seed": seed,
-                         "device": "cpu", "no_compile": True, "ratio": None if full else nominal or r}
+                         "device": "cpu", "no_compile": True, **c.get("flags", {}),
+                         "ratio": None if full else nominal or r}
                 jobs.append({"set": name, "label": label, "ratio": 0.0 if full else r, "seed": seed,
                              "nominal_ratio": nominal, "flags": flags})
     return sorted(jobs, key=lambda j: j["label"] != "infobatch")
@@ -169,9 +176,12 @@ def summarise_set(name: str, sel: list[dict]) -> dict:
     for ratio, label in sorted({(r["ratio"], r["label"]) for r in sel}, key=lambda k: (k[0], list(LABELS).index(k[1]))):
         group = sorted((r for r in sel if r["label"] == label and r["ratio"] == ratio), key=lambda r: r["seed"])
         final, nominal = [r["final"] for r in group], group[0].get("nominal_ratio")
-        base = {r["seed"]: r["final"] for r in sel if r["label"] == "uniform" and r["ratio"] == ratio}
+        # the uniform run with the same step-size rule: sadp-lrb pairs with uniform-lrb
+        rule = "uniform" + label[label.find("-"):] if "-" in label else "uniform"
+        rule = rule if rule in LABELS else "uniform"
+        base = {r["seed"]: r["final"] for r in sel if r["label"] == rule and r["ratio"] == ratio}
         m, half = paired([r["final"] - base[r["seed"]] for r in group if r["seed"] in base]) \
-            if label not in ("uniform", "full") else (None, None)
+            if label != rule and not label.startswith("full") else (None, None)
         passes = [list(itertools.accumulate(e for e, _ in r["curve"])) for r in group]    # after each epoch
         reach = [next((p for p, (_, acc) in zip(ps, r["curve"]) if acc >= target), None)   # the first to reach
                  for ps, r in zip(passes, group)]
@@ -197,7 +207,7 @@ def evidence(cfg, log: str | None) -> dict:
     """The section: sweep, then one table per data set from its seeds 0 .. seeds - 1."""
     runs, trained = sweep(cfg, log)
     sets = {}
-    for name in SETS:
+    for name in (*SETS, "events"):
         sel = [r for r in runs if r["set"] == name and r["seed"] < cfg[name]["seeds"]]
         if any(r["label"] == "full" for r in sel):
             sets[name] = summarise_set(name, sel)
@@ -235,9 +245,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = config(args.quick)
     bench.apply_settings(p, cfg, args.set)
-    unknown = {label for s in SETS for label in [*cfg[s]["labels"], *cfg[s]["variants"]]} - set(LABELS)
+    unknown = {label for s in (*SETS, "events") for label in [*cfg[s]["labels"], *cfg[s]["variants"]]} - set(LABELS)
     if unknown:
         p.error(f"unknown label(s) {', '.join(sorted(unknown))}; choose from {', '.join(LABELS)}")
+    if cfg["events"]["seeds"] and not cfg["events"]["flags"].get("data_dir"):
+        p.error("events.seeds > 0 needs the set's folder: --set 'events.flags={\"data\": \"cifar10dvs\", "
+                "\"data_dir\": \"DIR\", \"device\": \"cuda\"}'")
     return bench.run_sections("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, ["evidence"],
                               plot, argv)
 

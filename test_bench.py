@@ -209,3 +209,25 @@ def test_infobatch_that_pruned_nothing_matches_at_the_capped_ratio():
     assert evidence.matched_ratio(cfg, "mnist1d", 0.5, nominal) == cfg["max_infobatch_ratio"]
     nominal = [dict(r, pass_fraction=0.6) for r in nominal]                       # c = 0.4 / 0.5
     assert evidence.matched_ratio(cfg, "mnist1d", 0.5, nominal) == pytest.approx(0.5 / 0.8)
+
+
+def test_evidence_pairs_each_run_with_uniform_under_the_same_step_rule():
+    runs = [{"set": "synthetic", "label": label, "ratio": r, "seed": s, "final": acc, "curve": [(100, acc)],
+             "pass_fraction": 1 - r, "nominal_ratio": None}
+            for s in range(2) for label, r, acc in (("full", 0.0, 80), ("uniform", 0.5, 60 + s),
+                                                     ("uniform-lrb", 0.5, 70 + 2 * s), ("sadp-lrb", 0.5, 71 + s))]
+    rows = {r["label"]: r for r in evidence.summarise_set("synthetic", runs)["rows"]}
+    assert rows["sadp-lrb"]["diff_to_uniform"] == pytest.approx(0.5)     # (71 - 70 + 72 - 72) / 2, not vs uniform
+    assert rows["uniform-lrb"]["diff_to_uniform"] is None                # the base of its rule
+
+
+def test_evidence_runs_an_event_set_only_with_its_folder(tmp_path, capsys):
+    cfg = evidence.config(quick=True)
+    assert not [j for j in evidence.wanted(cfg, []) if j["set"] == "events"]          # seeds 0: skipped
+    cfg["events"].update(seeds=1, flags={"data": "nmnist", "data_dir": str(tmp_path), "device": "cuda"})
+    jobs = [j for j in evidence.wanted(cfg, []) if j["set"] == "events"]
+    assert {j["label"] for j in jobs} == {"full", "sadp-lrb", "uniform-lrb"}
+    assert all(j["flags"]["data_dir"] == str(tmp_path) and j["flags"]["device"] == "cuda" for j in jobs)
+    with pytest.raises(SystemExit):
+        evidence.main(["--quick", "--set", "events.seeds=1"])
+    assert "needs the set's folder" in capsys.readouterr().err
