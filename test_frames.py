@@ -430,7 +430,7 @@ def test_train_py_event_set_errors_exit_2(tmp_path, capsys):
     assert e.value.code == 2 and "needs --data-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train.parse_args(["--data", "cifar10", "--image-size", "16"])
-    assert "--image-size is for the folders and the event sets" in capsys.readouterr().err
+    assert "--image-size is for --data imagenet, imagefolder and the event sets" in capsys.readouterr().err
 
 
 def test_event_batches_are_resized_and_augmented_on_the_device(tmp_path):

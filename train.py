@@ -171,7 +171,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if valid is not None and value is not None and not valid[1](value):
                 parser.error(f"{flag} must be {valid[0]}; got {value}")
     if args.image_size is not None and args.data not in FOLDER_SETS + EVENT_SETS:
-        parser.error(f"--image-size is for the folders and the event sets, not --data {args.data}")
+        parser.error(f"--image-size is for --data imagenet, imagefolder and the event sets, not --data {args.data}")
     if (args.model == "conv1d") != (args.data == "mnist1d"):
         parser.error(f"--model {args.model} does not take --data {args.data}: conv1d is the network "
                      f"for mnist1d's 1-D signals, the others are for images")
