@@ -357,32 +357,29 @@ def agree(world_size: int, action, *args):
 
 
 def claim_out(args, rank: int) -> int | None:
-    """Rank 0 holds <out>/.lock, exclusively, while the run lasts (the OS releases it when the
-    process ends, even on kill -9), and checks that a new run overwrites no checkpoint there:
+    """Rank 0 checks that a new run overwrites no checkpoint in --out, then holds <out>/.lock,
+    exclusively, while the run lasts (the OS releases it when the process ends, even on kill -9):
     a second run into the same folder, or an --out this process cannot write, stops with a
     message before any data is loaded."""
     if rank != 0:
         return None
+    manifest = read_manifest(args.out)
+    if manifest is not None and not args.resume:
+        raise RunError(f"{args.out} already holds a run (checkpoint after epoch {manifest['epoch']}); pass "
+                       f"--resume to continue it, or start fresh with another --out (or delete {args.out}).")
     try:
         os.makedirs(args.out, exist_ok=True)
         fd = os.open(os.path.join(args.out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise RunError(f"--out {args.out} is not a folder this process can write ({e.strerror or e}); "
                        f"choose another --out.") from e
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise RunError(f"{args.out} is in use by another run (it holds {args.out}/.lock); wait for it "
-                               f"to end, or choose another --out.") from None
-        manifest = read_manifest(args.out)
-        if manifest is not None and not args.resume:
-            raise RunError(f"{args.out} already holds a run (checkpoint after epoch {manifest['epoch']}); pass "
-                           f"--resume to continue it, or start fresh with another --out (or delete {args.out}).")
-    except BaseException:
-        os.close(fd)
-        raise
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"{args.out} is in use by another run (it holds {args.out}/.lock); wait for it to "
+                           f"end, or choose another --out.") from None
     return fd
 
 
