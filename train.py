@@ -324,15 +324,15 @@ def not_a_checkpoint(path: str, why: str) -> str:
             f"Nothing was restored; start fresh with another --out, or delete its folder.")
 
 
-def last_good(out: str, resume: str = "") -> str:
-    """For messages: where the last checkpoint is, if any; with `resume` (what continues the run
-    from it), what to do next."""
+def last_good(out: str, resume: str = "", rerun: str = "") -> str:
+    """For messages: where the last checkpoint is, if any, and then how to go on: with `resume`
+    from that checkpoint, or when there is none, by `rerun`."""
     try:
         manifest = read_manifest(out)
     except RunError:
         manifest = None
     if manifest is None or not os.path.exists(os.path.join(out, manifest["file"])):
-        return "No checkpoint was written yet" + (", so there is nothing to resume: rerun." if resume else ".")
+        return "No checkpoint was written yet" + (f", so there is nothing to resume: {rerun}" if rerun else ".")
     return (f"The last good checkpoint (after epoch {manifest['epoch']}) is kept in {out}"
             + (f"; continue from it with {resume}" if resume else "."))
 
@@ -673,7 +673,7 @@ def write_on_rank0(r, write, what: str) -> None:
                 write()
         except OSError as e:     # ENOSPC, EIO, ...: the previous checkpoint is intact
             raise RunError(f"could not write {what} ({e.strerror or e}); free space there. "
-                           f"{last_good(r.args.out, resume='--resume.')}") from e
+                           f"{last_good(r.args.out, resume='--resume.', rerun='rerun.')}") from e
     agree(r.world_size, attempt)
 
 
@@ -723,7 +723,8 @@ def train_epochs(r, started: float) -> dict:
             row = train_epoch(r, epoch)
             row["test_acc"], row["val_skipped"] = evaluate(r)
         except data.DataError as e:     # an unreadable image: the last checkpoint is intact
-            raise RunError(f"{e} {last_good(args.out, resume='--resume (or rerun with --skip-corrupt).')}") from e
+            skip = " (add --skip-corrupt to train on past the image)."
+            raise RunError(f"{e} {last_good(args.out, resume='--resume' + skip, rerun='rerun' + skip)}") from e
         check_finite(r, epoch)
         row = {k: row[k] for k in columns}
         p["history"].append(row)
@@ -794,8 +795,8 @@ def main(argv=None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
             command = f"{launcher} {os.path.relpath(__file__)} {shlex.join(a for a in argv if a != '--resume')}"
-            print(("\n" if sys.stdout.isatty() else "") + "interrupted. "
-                  + last_good(args.out, resume=f"this command: {command} --resume"), file=sys.stderr)
+            where = last_good(args.out, resume=f"this command: {command} --resume", rerun=f"start again: {command}")
+            print(("\n" if sys.stdout.isatty() else "") + "interrupted. " + where, file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
