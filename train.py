@@ -284,8 +284,8 @@ def read_manifest(out: str) -> dict | None:
         files = sorted(f for f in listed if re.fullmatch(r"checkpoint-e\d+\.pt", f))
         if files:
             raise RunError(f"{out} holds {', '.join(files)} but not checkpoint.json, the manifest with its SHA-256: "
-                           f"it can be neither verified nor replaced. Restore checkpoint.json (then --resume), or "
-                           f"start a new run with another --out.")
+                           f"it can be neither verified nor replaced. Restore checkpoint.json to resume from it; "
+                           f"else delete it, or start a new run with another --out.")
         return None
     try:
         with open(path, "rb") as f:
