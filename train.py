@@ -296,8 +296,8 @@ def read_manifest(out: str) -> dict | None:
         files = sorted(f for f in listed if re.fullmatch(r"checkpoint-e\d+\.pt", f))
         if files:
             raise RunError(f"{out} holds {', '.join(files)} but not checkpoint.json, the manifest with its SHA-256: "
-                           f"it can be neither verified nor replaced. Restore checkpoint.json (then --resume), or "
-                           f"start a new run with another --out.")
+                           f"it can be neither verified nor replaced. Restore checkpoint.json to resume from it; "
+                           f"else delete it, or start a new run with another --out.")
         return None
     try:
         with open(path, "rb") as f:
@@ -336,15 +336,15 @@ def not_a_checkpoint(path: str, why: str) -> str:
             f"Nothing was restored; start fresh with another --out, or delete its folder.")
 
 
-def last_good(out: str, resume: str = "") -> str:
-    """For messages: where the last checkpoint is, if any; with `resume` (what continues the run
-    from it), what to do next."""
+def last_good(out: str, resume: str = "", rerun: str = "") -> str:
+    """For messages: where the last checkpoint is, if any, and then how to go on: with `resume`
+    from that checkpoint, or when there is none, by `rerun`."""
     try:
         manifest = read_manifest(out)
     except RunError:
         manifest = None
     if manifest is None or not os.path.exists(os.path.join(out, manifest["file"])):
-        return "No checkpoint was written yet" + (", so there is nothing to resume: rerun." if resume else ".")
+        return "No checkpoint was written yet" + (f", so there is nothing to resume: {rerun}" if rerun else ".")
     return (f"The last good checkpoint (after epoch {manifest['epoch']}) is kept in {out}"
             + (f"; continue from it with {resume}" if resume else "."))
 
@@ -369,32 +369,29 @@ def agree(world_size: int, action, *args):
 
 
 def claim_out(args, rank: int) -> int | None:
-    """Rank 0 holds <out>/.lock, exclusively, while the run lasts (the OS releases it when the
-    process ends, even on kill -9), and checks that a new run overwrites no checkpoint there:
+    """Rank 0 checks that a new run overwrites no checkpoint in --out, then holds <out>/.lock,
+    exclusively, while the run lasts (the OS releases it when the process ends, even on kill -9):
     a second run into the same folder, or an --out this process cannot write, stops with a
     message before any data is loaded."""
     if rank != 0:
         return None
+    manifest = read_manifest(args.out)
+    if manifest is not None and not args.resume:
+        raise RunError(f"{args.out} already holds a run (checkpoint after epoch {manifest['epoch']}); pass "
+                       f"--resume to continue it, or start fresh with another --out (or delete {args.out}).")
     try:
         os.makedirs(args.out, exist_ok=True)
         fd = os.open(os.path.join(args.out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise RunError(f"--out {args.out} is not a folder this process can write ({e.strerror or e}); "
                        f"choose another --out.") from e
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise RunError(f"{args.out} is in use by another run (it holds {args.out}/.lock); wait for it "
-                               f"to end, or choose another --out.") from None
-        manifest = read_manifest(args.out)
-        if manifest is not None and not args.resume:
-            raise RunError(f"{args.out} already holds a run (checkpoint after epoch {manifest['epoch']}); pass "
-                           f"--resume to continue it, or start fresh with another --out (or delete {args.out}).")
-    except BaseException:
-        os.close(fd)
-        raise
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunError(f"{args.out} is in use by another run (it holds {args.out}/.lock); wait for it to "
+                           f"end, or choose another --out.") from None
     return fd
 
 
@@ -706,7 +703,7 @@ def write_on_rank0(r, write, what: str) -> None:
                 write()
         except OSError as e:     # ENOSPC, EIO, ...: the previous checkpoint is intact
             raise RunError(f"could not write {what} ({e.strerror or e}); free space there. "
-                           f"{last_good(r.args.out, resume='--resume.')}") from e
+                           f"{last_good(r.args.out, resume='--resume.', rerun='rerun.')}") from e
     agree(r.world_size, attempt)
 
 
@@ -756,7 +753,8 @@ def train_epochs(r, started: float) -> dict:
             row = train_epoch(r, epoch)
             row["test_acc"], row["val_skipped"] = evaluate(r)
         except data.DataError as e:     # an unreadable image: the last checkpoint is intact
-            raise RunError(f"{e} {last_good(args.out, resume='--resume (or rerun with --skip-corrupt).')}") from e
+            skip = " (add --skip-corrupt to train on past the image)."
+            raise RunError(f"{e} {last_good(args.out, resume='--resume' + skip, rerun='rerun' + skip)}") from e
         check_finite(r, epoch)
         row = {k: row[k] for k in columns}
         p["history"].append(row)
@@ -827,8 +825,8 @@ def main(argv=None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
             command = f"{launcher} {os.path.relpath(__file__)} {shlex.join(a for a in argv if a != '--resume')}"
-            print(("\n" if sys.stdout.isatty() else "") + "interrupted. "
-                  + last_good(args.out, resume=f"this command: {command} --resume"), file=sys.stderr)
+            where = last_good(args.out, resume=f"this command: {command} --resume", rerun=f"start again: {command}")
+            print(("\n" if sys.stdout.isatty() else "") + "interrupted. " + where, file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():
