@@ -434,8 +434,7 @@ class FolderSource:
         if not self.skip_corrupt:
             path = split.path(bad[0])
             raise DataError(f"cannot read image {path} ({why_unreadable(path)}). Replace it with "
-                            f"a good copy and continue with --resume, or pass --skip-corrupt to "
-                            f"train on without it.")
+                            f"a good copy, or pass --skip-corrupt to train on without it.")
         self.skipped += len(bad)
         return ok.to(self.device, torch.float32, non_blocking=True)
 
