@@ -14,6 +14,25 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+class CountHostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten._local_scalar_dense: every .item(), bool(t), int(t), float(t) of a tensor
+    goes through it (on a GPU each one stalls the host until the queued kernels are done)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def count_host_syncs():
+    """A new CountHostSyncs: `with count_host_syncs() as mode: ...; mode.count`."""
+    return CountHostSyncs
+
+
 @pytest.fixture
 def assert_same_checkpoint():
     """check(dir_a, dir_b, epoch): the last checkpoints of two train.py runs have the same epoch,

@@ -582,30 +582,18 @@ def test_out_of_range_targets_fail_loudly_on_the_cpu(shift):
         spike_aware_loss(o, y + shift, h)
 
 
-class CountHostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts aten._local_scalar_dense: every .item(), bool(t), int(t), float(t) of a tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("exact, per_timestep", [(False, False), (True, False), (False, True)])
-def test_spike_aware_loss_reads_no_tensor_value_on_the_host(exact, per_timestep):
+def test_spike_aware_loss_reads_no_tensor_value_on_the_host(exact, per_timestep, count_host_syncs):
     """On a GPU each such read stalls the CPU until the queued kernels finish. The loss used to
     check the targets' range and the weights' finiteness this way: two syncs per step."""
     o = torch.randn(3, 4, 5, requires_grad=True)
     y, h, w = torch.tensor([0, 1, 2, 4]), (torch.rand(3, 4, 7) < 0.3).float(), torch.rand(4) + 0.5
-    with CountHostSyncs() as syncs:
+    with count_host_syncs() as syncs:
         loss, scores = spike_aware_loss(o, y, h, w, exact=exact, per_timestep=per_timestep,
                                         label_smoothing=0.1)
         loss.backward()
     assert syncs.count == 0
-    with CountHostSyncs() as syncs:
+    with count_host_syncs() as syncs:
         torch.tensor(1.0).item()                     # the counter counts
     assert syncs.count == 1
 

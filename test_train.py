@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 
@@ -454,26 +453,14 @@ def test_progress_line_on_a_terminal_only(tmp_path, capsys, monkeypatch, tty):
 # Issue 16 item 3 and issue 17 (train side): the loop, its messages and its corners
 # ---------------------------------------------------------------------------------------------
 
-class CountSyncs(TorchDispatchMode):
-    """Counts aten._local_scalar_dense: every .item(), bool(tensor), int(tensor) goes through it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_training_step_makes_no_host_device_sync(tmp_path):
+def test_a_training_step_makes_no_host_device_sync(tmp_path, count_host_syncs):
     """An epoch of 6 steps reads as many scalars off tensors as one of 2: the steps read none,
     only the epoch's end does (on a GPU each read would stall the host until the device is done)."""
     def syncs(steps: int) -> int:
         args = train.parse_args(SMALL + ["--out", str(tmp_path / str(steps)), "--ratio", "0.5",
                                          "--train-size", str(2 * 64 * steps)])     # 64 * steps draws
         r = train.setup(args, 0, 1, torch.device("cpu"))
-        with CountSyncs() as mode:
+        with count_host_syncs() as mode:
             row = train.train_epoch(r, 0)
         assert row["examples"] == 64 * steps
         return mode.count
