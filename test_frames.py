@@ -458,3 +458,18 @@ def test_torchrun_two_processes_train_an_event_set(tmp_path):
     assert code == 0, out
     summary = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert summary["final_test_acc"] >= 0.8 and summary["world_size"] == 2
+
+
+def test_a_set_that_does_not_fit_on_the_device_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import train
+    root = learnable_nmnist(tmp_path / "NMNIST", n_train=2, n_test=1)
+
+    real_to = torch.Tensor.to
+
+    def out_of_memory(self, *args, **kwargs):         # the frames [N, T, 2, H, W] do not fit
+        if self.dim() == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.05 GiB")
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", out_of_memory)
+    assert train.main(FRAMES_RUN + ["--data-dir", str(root), "--out", str(tmp_path / "run")]) == 2
+    assert "does not fit in cpu's memory" in capsys.readouterr().err

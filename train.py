@@ -428,8 +428,13 @@ class MemorySource:
     skipped, wait_seconds = 0, 0.0               # nothing here is unreadable, nor waited for
 
     def __init__(self, dataset: data.ArrayDataset, device, train, test):
-        self.x_train, self.y_train = dataset.x_train.to(device), dataset.y_train.to(device)
-        self.x_test, self.y_test = dataset.x_test.to(device), dataset.y_test.to(device)
+        try:
+            self.x_train, self.y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+            self.x_test, self.y_test = dataset.x_test.to(device), dataset.y_test.to(device)
+        except torch.OutOfMemoryError as e:
+            size = (dataset.x_train.nbytes + dataset.x_test.nbytes) / 2**30
+            raise RunError(f"the data set ({size:.2f} GiB) does not fit in {device}'s memory beside "
+                           f"other processes' ({e}): free the device, or use one with more memory.") from e
         self.num_train, self.num_test, self.num_classes = len(self.x_train), len(self.x_test), dataset.num_classes
         self.device, self.train, self.test = device, train, test
 
