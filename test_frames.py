@@ -473,3 +473,15 @@ def test_a_set_that_does_not_fit_on_the_device_is_a_clear_error(tmp_path, monkey
     monkeypatch.setattr(torch.Tensor, "to", out_of_memory)
     assert train.main(FRAMES_RUN + ["--data-dir", str(root), "--out", str(tmp_path / "run")]) == 2
     assert "does not fit in cpu's memory" in capsys.readouterr().err
+
+
+def test_an_event_set_run_resumes_exactly(tmp_path, assert_same_checkpoint):
+    import train
+    root = learnable_nmnist(tmp_path / "NMNIST", n_train=8, n_test=2)
+    run = FRAMES_RUN + ["--data-dir", str(root), "--data", "cifar10dvs", "--epochs", "3"]   # flip + shift drawn
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(frames.RECIPES, "cifar10dvs", dict(frames.RECIPES["cifar10dvs"], sensor_size=(34, 34)))
+        assert train.main(run + ["--out", str(tmp_path / "whole")]) == 0
+        assert train.main(run + ["--out", str(tmp_path / "split"), "--stop-after", "1"]) == 0
+        assert train.main(run + ["--out", str(tmp_path / "split"), "--resume"]) == 0
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "split", 3)
