@@ -44,7 +44,8 @@ LABELS = {
 }
 SETS = {"mnist1d": {"data": "mnist1d", "model": "conv1d", "batch_size": 128},
         "synthetic": {"data": "synthetic", "model": "convnet", "batch_size": 128, "train_size": 4000,
-                      "test_size": 2000}}
+                      "test_size": 2000},
+        "events": {}}                                  # its train.py flags: config()["events"]["flags"]
 KEY = ("set", "label", "ratio", "seed", "nominal_ratio")          # a run's identity in the log
 # t quantiles (0.975) for a 95% confidence interval of a mean of n paired differences, df = n - 1
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -90,9 +91,8 @@ def wanted(cfg, runs: list[dict]) -> list[dict]:
     """Every run the configuration asks for, given the runs so far (InfoBatch's matched runs wait
     for their ratio): its identity (KEY) and its train.py flags, InfoBatch's nominal runs first."""
     jobs = []
-    for name in (*SETS, "events"):
+    for name, recipe in SETS.items():
         c = cfg[name]
-        recipe = SETS.get(name, {})
         pairs = [("full", 0.0)] + [(label, r) for r in c["ratios"] for label in c["labels"]]
         pairs += [(label, r) for label, ratios in c["variants"].items() for r in ratios]
         pairs += [("infobatch-matched", r) for r in c["ratios"] if "infobatch" in c["labels"]]
@@ -207,7 +207,7 @@ def evidence(cfg, log: str | None) -> dict:
     """The section: sweep, then one table per data set from its seeds 0 .. seeds - 1."""
     runs, trained = sweep(cfg, log)
     sets = {}
-    for name in (*SETS, "events"):
+    for name in SETS:
         sel = [r for r in runs if r["set"] == name and r["seed"] < cfg[name]["seeds"]]
         if any(r["label"] == "full" for r in sel):
             sets[name] = summarise_set(name, sel)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = config(args.quick)
     bench.apply_settings(p, cfg, args.set)
-    unknown = {label for s in (*SETS, "events") for label in [*cfg[s]["labels"], *cfg[s]["variants"]]} - set(LABELS)
+    unknown = {label for s in SETS for label in [*cfg[s]["labels"], *cfg[s]["variants"]]} - set(LABELS)
     if unknown:
         p.error(f"unknown label(s) {', '.join(sorted(unknown))}; choose from {', '.join(LABELS)}")
     if cfg["events"]["seeds"] and not cfg["events"]["flags"].get("data_dir"):
