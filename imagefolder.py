@@ -420,8 +420,8 @@ class FolderSource:
         self._test.batch_sampler[:] = [b.tolist() for b in mine.split(batch_size)]
         for images, labels, index, ok in self._test:
             keep = self._keep(self.folder.val, index, ok)
-            y = labels.to(self.device, non_blocking=True)
-            yield self._to_device(images), (y if keep is None else torch.where(keep > 0, y, -1))
+            labels = labels if keep is None else torch.where(keep > 0, labels, -1)
+            yield self._to_device(images), labels.to(self.device, non_blocking=True)
 
     def _to_device(self, images: Tensor) -> Tensor:
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)   # [B, 3, H, W] uint8
@@ -436,7 +436,7 @@ class FolderSource:
             raise DataError(f"cannot read image {path} ({why_unreadable(path)}). Replace it with "
                             f"a good copy, or pass --skip-corrupt to train on without it.")
         self.skipped += len(bad)
-        return ok.to(self.device, torch.float32, non_blocking=True)
+        return ok.to(torch.float32)          # on the CPU, beside the indices the sampler reads
 
     def close(self) -> None:
         """Stops the worker processes now rather than when the loaders are garbage-collected."""
