@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import data
 import train
 
 SMALL = ["--data", "synthetic", "--model", "convnet", "--device", "cpu", "--no-compile",
@@ -612,3 +613,14 @@ def test_loading_and_compiling_each_print_a_line_when_they_start_and_end(tmp_pat
     assert said.index("loading --data synthetic") < said.index("loaded 1000 training and 500 test examples")
     assert said.count("compiling the LIF loop") == 1 and said.count("compiled in") == 1
     assert said.index("compiling") < said.index("compiled in") < said.index("\n    1 ")
+
+
+def test_in_memory_sets_carry_a_digest_every_rank_compares():
+    """make_source compares it across ranks, as it does a folder's file list: a node with
+    another copy of the data stops instead of training on other examples."""
+    def digest(labels):
+        x = torch.zeros(len(labels), 2)
+        ds = data.ArrayDataset(x, torch.tensor(labels), x[:1], torch.tensor(labels[:1]), 3)
+        return train.MemorySource(ds, torch.device("cpu"), None, None).digest
+    assert digest([0, 1, 2]) == digest([0, 1, 2])
+    assert digest([0, 1, 2]) != digest([0, 2, 1]) != digest([0, 1])

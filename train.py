@@ -437,6 +437,9 @@ class MemorySource:
                            f"other processes' ({e}): free the device, or use one with more memory.") from e
         self.num_train, self.num_test, self.num_classes = len(self.x_train), len(self.x_test), dataset.num_classes
         self.device, self.train, self.test = device, train, test
+        # what every rank must agree on, as FolderSource's file list: the shapes and the labels
+        self.digest = hashlib.sha256(repr((dataset.x_train.shape, dataset.x_test.shape)).encode()
+                                     + dataset.y_train.cpu().numpy().tobytes() + dataset.y_test.cpu().numpy().tobytes()).digest()
 
     def train_batches(self, epoch: int, batches: list[torch.Tensor]):
         """(idx, x, y, keep) per minibatch of CPU indices. keep: None, or (FolderSource under
@@ -481,10 +484,10 @@ def make_source(args, rank: int, world_size: int, device, say):
         source = imagefolder.FolderSource(folder, args.image_size, args.workers, device, seed=args.seed, rank=rank,
                                           skip_corrupt=args.skip_corrupt, augment=not args.no_augment,
                                           decoder=args.decoder)
-        digest = torch.frombuffer(bytearray(source.digest), dtype=torch.uint8)
-        if len({bytes(d.tolist()) for d in every_rank(digest, world_size)}) > 1:     # the same files, in order
-            source.close()
-            raise RunError(f"the processes see different files in {args.data_dir}; every node needs the same copy.")
+    digest = torch.frombuffer(bytearray(source.digest), dtype=torch.uint8)
+    if len({bytes(d.tolist()) for d in every_rank(digest, world_size)}) > 1:     # the same data, in order
+        source.close()
+        raise RunError(f"the processes see different files in {args.data_dir}; every node needs the same copy.")
     streamed = args.data in FOLDER_SETS
     decoding = f"; decoding with {source.decoder}, {args.workers} worker process(es) each" if streamed else ""
     say(f"loaded {source.num_train} training and {source.num_test} test examples of {source.num_classes} classes "
@@ -624,7 +627,7 @@ def evaluate(r, batch_size: int = 500) -> tuple[float, int]:
     """(test accuracy of the rate readout, the argmax of the mean over t; the test images skipped
     as unreadable, label -1, which count in neither the hits nor the total), over every rank."""
     r.model.eval()
-    if r.args.data in FOLDER_SETS:      # decoded images: batches of the training size fit
+    if r.args.data in FOLDER_SETS + EVENT_SETS:     # large inputs: batches of the training size fit
         batch_size = r.local_batch
     counts = torch.zeros(3, dtype=torch.long, device=r.device)       # hits, scored, skipped
     with torch.no_grad(), r.amp_ctx():
