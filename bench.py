@@ -64,10 +64,8 @@ def progress(section: str, message: str) -> None:
 
 
 def interleaved(fns: dict, reps: int, device="cpu", warmup: int = 2, section: str | None = None) -> dict:
-    """name -> seconds of each of `reps` calls of fns[name], the calls interleaved across names
-    (after `warmup` untimed calls each: compilation, caches). A call that returns a float
-    reports its own seconds (a train.py run: its training time, without the start-up). With
-    `section`, each call's seconds are printed as progress."""
+    """name -> seconds of each of `reps` calls of fns[name], interleaved across names, after `warmup`
+    untimed calls each. A call that returns a float reports its own seconds (a train.py run's)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in list(fns.values()) * warmup:
         fn()
@@ -132,34 +130,31 @@ def write_section(path: str, head: dict, name: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_sections(prog: str, args, cfg: dict, sections: dict, names: list[str], plot_fn, argv) -> int:
-    """Run sections[name](cfg) -> dict for each name, writing --out after each; draw the plots.
-    A section that raises is recorded as {"error": {type, message, traceback}} and the next one
-    runs; an interrupt is recorded, then raised. 0 when every section ran, else 1."""
-    command = " ".join(["python", prog] + list(sys.argv[1:] if argv is None else argv))
+def run_sections(prog: str, args, cfg: dict, sections: dict, plot_fn, argv) -> int:
+    """Run each section(cfg) -> dict, writing --out after each, then draw the plots. A section that
+    raises is recorded as {"error": {type, message, traceback}} and the next one runs; an
+    interrupt is recorded, then raised. 0 when every section ran, else 1."""
+    command = " ".join(["python", prog, *(sys.argv[1:] if argv is None else argv)])
     results, failed = {}, []
     with threads(cfg.get("threads") or torch.get_num_threads()):
         head = {"machine": machine(), "command": command, "config": cfg, "date": now()}
-        m = head["machine"]
-        print(f"# {command}\n# on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), GPU: "
-              f"{m['gpu']}, torch {m['torch']}, {head['date']}", flush=True)
-        for name in names:
-            date, t0, stop = now(), time.perf_counter(), None
+        print(f"# {command}\n# on {json.dumps(head['machine'])}, {head['date']}", flush=True)
+        for name, section in sections.items():
+            date, t0 = now(), time.perf_counter()
             try:
-                result = sections[name](cfg)
+                result = section(cfg)
             except BaseException as e:   # SystemExit too: train.parse_args exits on bad flags
-                result = {"error": {"type": type(e).__name__, "message": str(e),
-                                    "traceback": traceback.format_exc()}}
+                result = {"error": {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
                 failed.append(name)
-                stop = None if isinstance(e, (Exception, SystemExit)) else e
                 print(f"\n({name}: FAILED, {type(e).__name__}: {e})", file=sys.stderr, flush=True)
-            seconds = round(time.perf_counter() - t0, 1)
-            results[name] = dict(result, run={"command": command, "date": date, "seconds": seconds})
-            if args.out:
-                write_section(args.out, head, name, results[name])
-            print(f"  ({name}: {seconds:.0f} s)", file=sys.stderr, flush=True)
-            if stop is not None:
-                raise stop               # an interrupt: its section is recorded, the rest do not run
+                if not isinstance(e, (Exception, SystemExit)):
+                    raise                # an interrupt: its section is recorded (finally), the rest do not run
+            finally:
+                seconds = round(time.perf_counter() - t0, 1)
+                results[name] = dict(result, run={"command": command, "date": date, "seconds": seconds})
+                if args.out:
+                    write_section(args.out, head, name, results[name])
+                progress(name, f"{seconds:.0f} s")
     if args.plot:
         try:
             plot_fn({k: v for k, v in results.items() if "error" not in v}, args.plot)
@@ -199,13 +194,12 @@ def apply_settings(p: argparse.ArgumentParser, cfg: dict, items: list[str]) -> N
 
 
 @contextlib.contextmanager
-def figure(path: str, xlabel: str, ylabel: str, title: str, size=(5.5, 3.8)):
-    """Axes to draw on in the block, then labelled and saved to `path` (matplotlib, Agg backend;
-    ImportError when it is not installed)."""
+def figure(path: str, xlabel: str, ylabel: str, title: str):
+    """Axes to draw on in the block, then labelled and saved to `path` (ImportError without matplotlib)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=size)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     yield ax
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
@@ -217,10 +211,10 @@ def figure(path: str, xlabel: str, ylabel: str, title: str, size=(5.5, 3.8)):
 
 # -- speedup, overhead: what SADP saves per epoch and costs per step ----------------------------
 def bench_speedup(cfg) -> dict:
-    """Training time of full data vs sadp at each ratio r (train.py runs on synthetic data,
-    interleaved): the median of the per-rep speedups against the theoretical 1/(1 - r). Then the
-    sampler's own work, part of the gap, at this N and at ImageNet's: freezing p and drawing an
-    epoch, one update with an epoch of scores (ms), and one batch's weights (us)."""
+    """Training time of full data vs sadp at each ratio r (interleaved train.py runs on synthetic
+    data): the median of the per-rep speedups against the theoretical 1/(1 - r). Then the
+    sampler's own work at this N and at ImageNet's: freezing p and drawing an epoch, one update
+    with an epoch of scores (ms), and one batch's weights (us)."""
     c = cfg["speedup"]
     flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=256, model=cfg["model"],
                       epochs=c["epochs"], method="full")
@@ -625,7 +619,7 @@ def plot(results: dict, directory: str) -> None:
     if "variance" in results:
         snaps = results["variance"]["snapshots"]
         with figure(os.path.join(directory, "variance_synthetic.png"), "epoch of training", "estimator variance / "
-                    "uniform", "synthetic: gradient variance (eps = 0.1)", size=(5, 3.5)) as ax:
+                    "uniform", "synthetic: gradient variance (eps = 0.1)") as ax:
             for name in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
                 ax.plot([s["epoch"] for s in snaps], [s["scores"][name]["eps=0.1"] for s in snaps], "o-", label=name)
             ax.axhline(1.0, color="k", ls=":", label="uniform")
@@ -668,7 +662,7 @@ def main(argv=None) -> int:
         p.error(f"--only {args.only!r}: name one or more of {', '.join(SECTIONS)}")
     cfg = config(args.quick, args.device, not args.no_compile)
     apply_settings(p, cfg, args.set)
-    return run_sections("bench.py", args, cfg, SECTIONS, [s for s in SECTIONS if s in only], plot, argv)
+    return run_sections("bench.py", args, cfg, {s: f for s, f in SECTIONS.items() if s in only}, plot, argv)
 
 
 if __name__ == "__main__":

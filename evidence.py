@@ -251,8 +251,7 @@ def main(argv=None) -> int:
     if cfg["events"]["seeds"] and not cfg["events"]["flags"].get("data_dir"):
         p.error("events.seeds > 0 needs the set's folder: --set 'events.flags={\"data\": \"cifar10dvs\", "
                 "\"data_dir\": \"DIR\", \"device\": \"cuda\"}'")
-    return bench.run_sections("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, ["evidence"],
-                              plot, argv)
+    return bench.run_sections("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, plot, argv)
 
 
 if __name__ == "__main__":
