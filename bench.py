@@ -98,14 +98,12 @@ def train_once(flags: dict, out: str | None = None) -> dict:
 
 
 def run_flags(cfg: dict, **flags) -> dict:
-    """The shared settings of cfg as train.py flags, then `flags`."""
     return {"device": cfg["device"], "no_compile": not cfg["compile"], "amp": cfg["amp"], "T": cfg["T"],
             "batch_size": cfg["batch_size"], **flags}
 
 
 @contextlib.contextmanager
 def threads(n: int):
-    """torch's intra-op threads set to n inside the block (as in a loader worker: 1)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -346,16 +344,15 @@ def snapshots(section: str, cfg: dict, flags: dict, ds, score_fn) -> tuple[list[
     return snaps, model
 
 
-def epoch_table(title: str, snaps: list[dict], names, cell) -> None:
-    """One row per name, one column per snapshot: cell(snapshot, name)."""
-    table(title, [{"": n, **{f"epoch {s['epoch']}": cell(s, n) for s in snaps}} for n in names])
-
-
-def stats_tables(section: str, snaps: list[dict], names: list[str]) -> None:
-    epoch_table(f"{section}: Spearman correlation of each score with the true gradient norm", snaps, names,
-                lambda s, n: round(s["scores"][n]["spearman"], 3))
-    epoch_table(f"{section}: the estimator's variance under p ~ score relative to uniform, eps = 0 / 0.1",
-                snaps, names, lambda s, n: f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}")
+def epoch_tables(section: str, snaps: list[dict], names: list[str], *more) -> None:
+    """Tables of one row per name and one column per snapshot: each score's Spearman correlation and
+    estimator variance, then each (title, names, cell(snapshot, name)) of `more`."""
+    for title, rows, cell in [("Spearman correlation of each score with the true gradient norm", names,
+                               lambda s, n: round(s["scores"][n]["spearman"], 3)),
+                              ("the estimator's variance under p ~ score relative to uniform, eps = 0 / 0.1", names,
+                               lambda s, n: f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}"),
+                              *more]:
+        table(f"{section}: {title}", [{"": n, **{f"epoch {s['epoch']}": cell(s, n) for s in snaps}} for n in rows])
 
 
 def sampled_variance(G, scores, ratio: float, eps: float, replacement: bool, epochs: int) -> float:
@@ -394,29 +391,29 @@ def bench_variance(cfg) -> dict:
                 "epoch_estimator": {k: v / mc["uniform, with"] for k, v in mc.items()}}
     flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=500, model="convnet", seed=0)
     snaps, _ = snapshots("variance", cfg, flags, data.make_synthetic(c["train"], 500, seed=0), score)
-    stats_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"])
-    epoch_table(f"variance of an epoch's estimate as the sampler draws it (r = {ratio}, eps = 0.1, {c['mc']} "
-                f"epochs)", snaps, snaps[0]["epoch_estimator"], lambda s, n: round(s["epoch_estimator"][n], 3))
+    epoch_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"],
+                 (f"the variance of an epoch's estimate as the sampler draws it (r = {ratio}, eps = 0.1, "
+                  f"{c['mc']} epochs)",
+                  snaps[0]["epoch_estimator"], lambda s, n: round(s["epoch_estimator"][n], 3)))
     return {"pool": c["pool"], "ratio": ratio, "snapshots": snaps}
 
 
 def netbound_scores(model, x, y, T: int, batch: int) -> dict:
     """head, network, ann and loss scores of (x, y) from forward + backward passes of `batch`
     examples with weights 1, in the model's current mode."""
-    net, head = NetworkTap(model, T=T), HeadTap(model.classifier, T=T)
-    parts = {k: [] for k in ("head", "network", "ann", "loss")}
-    for xb, yb in zip(x.split(batch), y.split(batch)):
-        model(xb)
-        outputs, head_inputs = head.pop()
-        loss, s_head = spike_aware_loss(outputs, yb, head_inputs)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        parts["network"].append(net.pop(torch.ones(len(yb))))
-        parts["head"].append(s_head)
-        for kind in ("ann", "loss"):
-            parts[kind].append(baseline_loss(outputs, yb, kind=kind)[1])
+    net, parts = NetworkTap(model, T=T), {k: [] for k in ("head", "network", "ann", "loss")}
+    with HeadTap(model.classifier, T=T) as head:
+        for xb, yb in zip(x.split(batch), y.split(batch)):
+            model(xb)
+            outputs, head_inputs = head.pop()
+            loss, s_head = spike_aware_loss(outputs, yb, head_inputs)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            parts["network"].append(net.pop(torch.ones(len(yb))))
+            parts["head"].append(s_head)
+            for kind in ("ann", "loss"):
+                parts[kind].append(baseline_loss(outputs, yb, kind=kind)[1])
     net.remove()
-    head.remove()
     model.zero_grad(set_to_none=True)
     return {k: torch.cat(v).double() for k, v in parts.items()}
 
@@ -441,9 +438,8 @@ def bench_netbound(cfg) -> dict:
     flags = run_flags(cfg, data="mnist1d", model="conv1d", device="cpu", amp=False, seed=0)
     snaps, model = snapshots("netbound", cfg, flags, ds, score)
     names = ["loss", "ann", "head", "network", "head (BN train)", "network (BN train)", "oracle"]
-    stats_tables("netbound", snaps, names)
-    epoch_table("netbound: score / true norm, min / median (a bound has min >= 1 in BN eval mode)", snaps,
-                names[2:-1], lambda s, n: f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}")
+    epoch_tables("netbound", snaps, names, ("score / true norm, min / median (a bound has min >= 1 in BN eval mode)",
+                 names[2:-1], lambda s, n: f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}"))
     opt, x, y = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9), ds.x_train[:batch], ds.y_train[:batch]
     with threads(1):
         t = interleaved({k: step_fn(model.train(), opt, x, y, k, T) for k in ("bound", "network")}, c["reps"], warmup=3)
@@ -480,13 +476,11 @@ def bench_lif(cfg) -> dict:
     --no-compile), SpikingJelly's LIFNode and snnTorch's Leaky where installed."""
     from importlib import metadata, util
     c, device = cfg["lif"], torch.device(cfg["device"])
-    makers = {"ours eager": lambda d: models.LIF(compile=False).to(d),
-              "ours compiled": lambda d: models.LIF(compile=True).to(d),
-              "SpikingJelly LIFNode": spikingjelly_lif, "snnTorch Leaky": snntorch_leaky}
-    x, steps, skipped = torch.randn(*c["shape"], device=device) * 1.5, {}, []
-    if not cfg["compile"]:
-        skipped.append("ours compiled: skipped under --no-compile")
-        del makers["ours compiled"]
+    ours = (False, True) if cfg["compile"] else (False,)
+    makers = {f"ours {'compiled' if on else 'eager'}": lambda d, on=on: models.LIF(compile=on).to(d) for on in ours}
+    makers.update({"SpikingJelly LIFNode": spikingjelly_lif, "snnTorch Leaky": snntorch_leaky})
+    skipped = [] if cfg["compile"] else ["ours compiled: skipped under --no-compile"]
+    x, steps = torch.randn(*c["shape"], device=device) * 1.5, {}
     for name, make in makers.items():
         try:
             lif = make(device)
@@ -570,12 +564,10 @@ def decode_rates(paths: list[str], reps: int) -> dict:
 
 def loader_rate(cfg, folder, workers: int, decoder: str, seed: int) -> float:
     """images/s of the second of two passes of FolderSource.train_batches (nothing trained)."""
-    source = imagefolder.FolderSource(folder, 224, workers, cfg["device"], seed=seed, decoder=decoder)
     order = torch.randperm(len(folder.train)).split(cfg["datapath"]["batch"])
-    try:
+    with contextlib.closing(imagefolder.FolderSource(folder, 224, workers, cfg["device"], seed=seed,
+                                                     decoder=decoder)) as source:
         seconds = interleaved({0: lambda: list(source.train_batches(0, order))}, 1, warmup=1)[0][0]
-    finally:
-        source.close()
     return len(folder.train) / seconds
 
 
