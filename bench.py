@@ -64,10 +64,8 @@ def progress(section: str, message: str) -> None:
 
 
 def interleaved(fns: dict, reps: int, device="cpu", warmup: int = 2, section: str | None = None) -> dict:
-    """name -> seconds of each of `reps` calls of fns[name], the calls interleaved across names
-    (after `warmup` untimed calls each: compilation, caches). A call that returns a float
-    reports its own seconds (a train.py run: its training time, without the start-up). With
-    `section`, each call's seconds are printed as progress."""
+    """name -> seconds of each of `reps` calls of fns[name], interleaved across names, after `warmup`
+    untimed calls each. A call that returns a float reports its own seconds (a train.py run's)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for fn in list(fns.values()) * warmup:
         fn()
@@ -100,14 +98,12 @@ def train_once(flags: dict, out: str | None = None) -> dict:
 
 
 def run_flags(cfg: dict, **flags) -> dict:
-    """The shared settings of cfg as train.py flags, then `flags`."""
     return {"device": cfg["device"], "no_compile": not cfg["compile"], "amp": cfg["amp"], "T": cfg["T"],
             "batch_size": cfg["batch_size"], **flags}
 
 
 @contextlib.contextmanager
 def threads(n: int):
-    """torch's intra-op threads set to n inside the block (as in a loader worker: 1)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -132,34 +128,31 @@ def write_section(path: str, head: dict, name: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_sections(prog: str, args, cfg: dict, sections: dict, names: list[str], plot_fn, argv) -> int:
-    """Run sections[name](cfg) -> dict for each name, writing --out after each; draw the plots.
-    A section that raises is recorded as {"error": {type, message, traceback}} and the next one
-    runs; an interrupt is recorded, then raised. 0 when every section ran, else 1."""
-    command = " ".join(["python", prog] + list(sys.argv[1:] if argv is None else argv))
+def run_sections(prog: str, args, cfg: dict, sections: dict, plot_fn, argv) -> int:
+    """Run each section(cfg) -> dict, writing --out after each, then draw the plots. A section that
+    raises is recorded as {"error": {type, message, traceback}} and the next one runs; an
+    interrupt is recorded, then raised. 0 when every section ran, else 1."""
+    command = " ".join(["python", prog, *(sys.argv[1:] if argv is None else argv)])
     results, failed = {}, []
     with threads(cfg.get("threads") or torch.get_num_threads()):
         head = {"machine": machine(), "command": command, "config": cfg, "date": now()}
-        m = head["machine"]
-        print(f"# {command}\n# on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), GPU: "
-              f"{m['gpu']}, torch {m['torch']}, {head['date']}", flush=True)
-        for name in names:
-            date, t0, stop = now(), time.perf_counter(), None
+        print(f"# {command}\n# on {json.dumps(head['machine'])}, {head['date']}", flush=True)
+        for name, section in sections.items():
+            date, t0 = now(), time.perf_counter()
             try:
-                result = sections[name](cfg)
+                result = section(cfg)
             except BaseException as e:   # SystemExit too: train.parse_args exits on bad flags
-                result = {"error": {"type": type(e).__name__, "message": str(e),
-                                    "traceback": traceback.format_exc()}}
+                result = {"error": {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}}
                 failed.append(name)
-                stop = None if isinstance(e, (Exception, SystemExit)) else e
                 print(f"\n({name}: FAILED, {type(e).__name__}: {e})", file=sys.stderr, flush=True)
-            seconds = round(time.perf_counter() - t0, 1)
-            results[name] = dict(result, run={"command": command, "date": date, "seconds": seconds})
-            if args.out:
-                write_section(args.out, head, name, results[name])
-            print(f"  ({name}: {seconds:.0f} s)", file=sys.stderr, flush=True)
-            if stop is not None:
-                raise stop               # an interrupt: its section is recorded, the rest do not run
+                if not isinstance(e, (Exception, SystemExit)):
+                    raise                # an interrupt: its section is recorded (finally), the rest do not run
+            finally:
+                seconds = round(time.perf_counter() - t0, 1)
+                results[name] = dict(result, run={"command": command, "date": date, "seconds": seconds})
+                if args.out:
+                    write_section(args.out, head, name, results[name])
+                progress(name, f"{seconds:.0f} s")
     if args.plot:
         try:
             plot_fn({k: v for k, v in results.items() if "error" not in v}, args.plot)
@@ -199,13 +192,12 @@ def apply_settings(p: argparse.ArgumentParser, cfg: dict, items: list[str]) -> N
 
 
 @contextlib.contextmanager
-def figure(path: str, xlabel: str, ylabel: str, title: str, size=(5.5, 3.8)):
-    """Axes to draw on in the block, then labelled and saved to `path` (matplotlib, Agg backend;
-    ImportError when it is not installed)."""
+def figure(path: str, xlabel: str, ylabel: str, title: str):
+    """Axes to draw on in the block, then labelled and saved to `path` (ImportError without matplotlib)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=size)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     yield ax
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
@@ -217,10 +209,10 @@ def figure(path: str, xlabel: str, ylabel: str, title: str, size=(5.5, 3.8)):
 
 # -- speedup, overhead: what SADP saves per epoch and costs per step ----------------------------
 def bench_speedup(cfg) -> dict:
-    """Training time of full data vs sadp at each ratio r (train.py runs on synthetic data,
-    interleaved): the median of the per-rep speedups against the theoretical 1/(1 - r). Then the
-    sampler's own work, part of the gap, at this N and at ImageNet's: freezing p and drawing an
-    epoch, one update with an epoch of scores (ms), and one batch's weights (us)."""
+    """Training time of full data vs sadp at each ratio r (interleaved train.py runs on synthetic
+    data): the median of the per-rep speedups against the theoretical 1/(1 - r). Then the
+    sampler's own work at this N and at ImageNet's: freezing p and drawing an epoch, one update
+    with an epoch of scores (ms), and one batch's weights (us)."""
     c = cfg["speedup"]
     flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=256, model=cfg["model"],
                       epochs=c["epochs"], method="full")
@@ -352,16 +344,15 @@ def snapshots(section: str, cfg: dict, flags: dict, ds, score_fn) -> tuple[list[
     return snaps, model
 
 
-def epoch_table(title: str, snaps: list[dict], names, cell) -> None:
-    """One row per name, one column per snapshot: cell(snapshot, name)."""
-    table(title, [{"": n, **{f"epoch {s['epoch']}": cell(s, n) for s in snaps}} for n in names])
-
-
-def stats_tables(section: str, snaps: list[dict], names: list[str]) -> None:
-    epoch_table(f"{section}: Spearman correlation of each score with the true gradient norm", snaps, names,
-                lambda s, n: round(s["scores"][n]["spearman"], 3))
-    epoch_table(f"{section}: the estimator's variance under p ~ score relative to uniform, eps = 0 / 0.1",
-                snaps, names, lambda s, n: f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}")
+def epoch_tables(section: str, snaps: list[dict], names: list[str], *more) -> None:
+    """Tables of one row per name and one column per snapshot: each score's Spearman correlation and
+    estimator variance, then each (title, names, cell(snapshot, name)) of `more`."""
+    for title, rows, cell in [("Spearman correlation of each score with the true gradient norm", names,
+                               lambda s, n: round(s["scores"][n]["spearman"], 3)),
+                              ("the estimator's variance under p ~ score relative to uniform, eps = 0 / 0.1", names,
+                               lambda s, n: f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}"),
+                              *more]:
+        table(f"{section}: {title}", [{"": n, **{f"epoch {s['epoch']}": cell(s, n) for s in snaps}} for n in rows])
 
 
 def sampled_variance(G, scores, ratio: float, eps: float, replacement: bool, epochs: int) -> float:
@@ -400,29 +391,29 @@ def bench_variance(cfg) -> dict:
                 "epoch_estimator": {k: v / mc["uniform, with"] for k, v in mc.items()}}
     flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=500, model="convnet", seed=0)
     snaps, _ = snapshots("variance", cfg, flags, data.make_synthetic(c["train"], 500, seed=0), score)
-    stats_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"])
-    epoch_table(f"variance of an epoch's estimate as the sampler draws it (r = {ratio}, eps = 0.1, {c['mc']} "
-                f"epochs)", snaps, snaps[0]["epoch_estimator"], lambda s, n: round(s["epoch_estimator"][n], 3))
+    epoch_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"],
+                 (f"the variance of an epoch's estimate as the sampler draws it (r = {ratio}, eps = 0.1, "
+                  f"{c['mc']} epochs)",
+                  snaps[0]["epoch_estimator"], lambda s, n: round(s["epoch_estimator"][n], 3)))
     return {"pool": c["pool"], "ratio": ratio, "snapshots": snaps}
 
 
 def netbound_scores(model, x, y, T: int, batch: int) -> dict:
     """head, network, ann and loss scores of (x, y) from forward + backward passes of `batch`
     examples with weights 1, in the model's current mode."""
-    net, head = NetworkTap(model, T=T), HeadTap(model.classifier, T=T)
-    parts = {k: [] for k in ("head", "network", "ann", "loss")}
-    for xb, yb in zip(x.split(batch), y.split(batch)):
-        model(xb)
-        outputs, head_inputs = head.pop()
-        loss, s_head = spike_aware_loss(outputs, yb, head_inputs)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        parts["network"].append(net.pop(torch.ones(len(yb))))
-        parts["head"].append(s_head)
-        for kind in ("ann", "loss"):
-            parts[kind].append(baseline_loss(outputs, yb, kind=kind)[1])
+    net, parts = NetworkTap(model, T=T), {k: [] for k in ("head", "network", "ann", "loss")}
+    with HeadTap(model.classifier, T=T) as head:
+        for xb, yb in zip(x.split(batch), y.split(batch)):
+            model(xb)
+            outputs, head_inputs = head.pop()
+            loss, s_head = spike_aware_loss(outputs, yb, head_inputs)
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            parts["network"].append(net.pop(torch.ones(len(yb))))
+            parts["head"].append(s_head)
+            for kind in ("ann", "loss"):
+                parts[kind].append(baseline_loss(outputs, yb, kind=kind)[1])
     net.remove()
-    head.remove()
     model.zero_grad(set_to_none=True)
     return {k: torch.cat(v).double() for k, v in parts.items()}
 
@@ -447,9 +438,8 @@ def bench_netbound(cfg) -> dict:
     flags = run_flags(cfg, data="mnist1d", model="conv1d", device="cpu", amp=False, seed=0)
     snaps, model = snapshots("netbound", cfg, flags, ds, score)
     names = ["loss", "ann", "head", "network", "head (BN train)", "network (BN train)", "oracle"]
-    stats_tables("netbound", snaps, names)
-    epoch_table("netbound: score / true norm, min / median (a bound has min >= 1 in BN eval mode)", snaps,
-                names[2:-1], lambda s, n: f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}")
+    epoch_tables("netbound", snaps, names, ("score / true norm, min / median (a bound has min >= 1 in BN eval mode)",
+                 names[2:-1], lambda s, n: f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}"))
     opt, x, y = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9), ds.x_train[:batch], ds.y_train[:batch]
     with threads(1):
         t = interleaved({k: step_fn(model.train(), opt, x, y, k, T) for k in ("bound", "network")}, c["reps"], warmup=3)
@@ -486,13 +476,11 @@ def bench_lif(cfg) -> dict:
     --no-compile), SpikingJelly's LIFNode and snnTorch's Leaky where installed."""
     from importlib import metadata, util
     c, device = cfg["lif"], torch.device(cfg["device"])
-    makers = {"ours eager": lambda d: models.LIF(compile=False).to(d),
-              "ours compiled": lambda d: models.LIF(compile=True).to(d),
-              "SpikingJelly LIFNode": spikingjelly_lif, "snnTorch Leaky": snntorch_leaky}
-    x, steps, skipped = torch.randn(*c["shape"], device=device) * 1.5, {}, []
-    if not cfg["compile"]:
-        skipped.append("ours compiled: skipped under --no-compile")
-        del makers["ours compiled"]
+    ours = (False, True) if cfg["compile"] else (False,)
+    makers = {f"ours {'compiled' if on else 'eager'}": lambda d, on=on: models.LIF(compile=on).to(d) for on in ours}
+    makers.update({"SpikingJelly LIFNode": spikingjelly_lif, "snnTorch Leaky": snntorch_leaky})
+    skipped = [] if cfg["compile"] else ["ours compiled: skipped under --no-compile"]
+    x, steps = torch.randn(*c["shape"], device=device) * 1.5, {}
     for name, make in makers.items():
         try:
             lif = make(device)
@@ -576,12 +564,10 @@ def decode_rates(paths: list[str], reps: int) -> dict:
 
 def loader_rate(cfg, folder, workers: int, decoder: str, seed: int) -> float:
     """images/s of the second of two passes of FolderSource.train_batches (nothing trained)."""
-    source = imagefolder.FolderSource(folder, 224, workers, cfg["device"], seed=seed, decoder=decoder)
     order = torch.randperm(len(folder.train)).split(cfg["datapath"]["batch"])
-    try:
+    with contextlib.closing(imagefolder.FolderSource(folder, 224, workers, cfg["device"], seed=seed,
+                                                     decoder=decoder)) as source:
         seconds = interleaved({0: lambda: list(source.train_batches(0, order))}, 1, warmup=1)[0][0]
-    finally:
-        source.close()
     return len(folder.train) / seconds
 
 
@@ -625,7 +611,7 @@ def plot(results: dict, directory: str) -> None:
     if "variance" in results:
         snaps = results["variance"]["snapshots"]
         with figure(os.path.join(directory, "variance_synthetic.png"), "epoch of training", "estimator variance / "
-                    "uniform", "synthetic: gradient variance (eps = 0.1)", size=(5, 3.5)) as ax:
+                    "uniform", "synthetic: gradient variance (eps = 0.1)") as ax:
             for name in ("loss", "ann", "sadp", "sadp-exact", "oracle"):
                 ax.plot([s["epoch"] for s in snaps], [s["scores"][name]["eps=0.1"] for s in snaps], "o-", label=name)
             ax.axhline(1.0, color="k", ls=":", label="uniform")
@@ -668,7 +654,7 @@ def main(argv=None) -> int:
         p.error(f"--only {args.only!r}: name one or more of {', '.join(SECTIONS)}")
     cfg = config(args.quick, args.device, not args.no_compile)
     apply_settings(p, cfg, args.set)
-    return run_sections("bench.py", args, cfg, SECTIONS, [s for s in SECTIONS if s in only], plot, argv)
+    return run_sections("bench.py", args, cfg, {s: f for s, f in SECTIONS.items() if s in only}, plot, argv)
 
 
 if __name__ == "__main__":

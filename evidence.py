@@ -9,8 +9,8 @@ the synthetic set at r = 0.7). LABELS names the methods: `-lrb` trains with lr x
 replacement, `infobatch-matched` runs InfoBatch at the ratio whose example-passes match the
 others' (matched_ratio). Per data set one table: final test accuracy (mean ± sd), the paired
 difference to uniform at the same ratio, seed and step-size rule (sadp-lrb - uniform-lrb) with
-its 95% t-interval, the example-passes,
-and the passes (in full-data epochs) until test accuracy first reaches full data's final - 0.5 pp.
+its 95% t-interval, the example-passes, and the passes (in full-data epochs) until test accuracy
+first reaches full data's final - 0.5 pp.
 
 Runs go to a pool of single-threaded worker processes (--set workers=N); each finished run is
 appended to --log (JSON lines), and a rerun skips the runs in it: an interrupted sweep goes on
@@ -110,10 +110,6 @@ def wanted(cfg, runs: list[dict]) -> list[dict]:
     return sorted(jobs, key=lambda j: j["label"] != "infobatch")
 
 
-def worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def run_job(job: dict) -> dict:
     """One training run (in a worker process): its log line."""
     s = bench.train_once(job["flags"])
@@ -130,11 +126,12 @@ def sweep(cfg, log: str | None) -> tuple[list[dict], int]:
         with open(log) as f:
             runs = [run for run in map(json.loads, filter(str.strip, f)) if run["label"] in LABELS]
     logged, seen, pending, failed = len(runs), {tuple(r[k] for k in KEY) for r in runs}, {}, []
-    with cf.ProcessPoolExecutor(cfg["workers"], mp_context=mp.get_context("spawn"), initializer=worker_init) as pool:
+    with cf.ProcessPoolExecutor(cfg["workers"], mp_context=mp.get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
         def submit():
             for job in wanted(cfg, runs):
-                if tuple(job[k] for k in KEY) not in seen:
-                    seen.add(tuple(job[k] for k in KEY))
+                if (key := tuple(job[k] for k in KEY)) not in seen:
+                    seen.add(key)
                     pending[pool.submit(run_job, job)] = job
         submit()
         bench.progress("evidence", f"{logged} runs in the log, {len(pending)} to train now, {cfg['workers']} workers")
@@ -251,8 +248,7 @@ def main(argv=None) -> int:
     if cfg["events"]["seeds"] and not cfg["events"]["flags"].get("data_dir"):
         p.error("events.seeds > 0 needs the set's folder: --set 'events.flags={\"data\": \"cifar10dvs\", "
                 "\"data_dir\": \"DIR\", \"device\": \"cuda\"}'")
-    return bench.run_sections("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, ["evidence"],
-                              plot, argv)
+    return bench.run_sections("evidence.py", args, cfg, {"evidence": lambda c: evidence(c, args.log)}, plot, argv)
 
 
 if __name__ == "__main__":
