@@ -1,4 +1,4 @@
-"""ImageNet, and any data set in its folder-of-classes layout, streamed from disk.
+"""ImageNet, and any data set in its folder-of-classes layout, streamed from disk (docs/imagenet.md).
 
     DIR/train/<class>/**/<image>    DIR/val/<class>/**/<image>    (class names: any folder names)
 
@@ -7,12 +7,9 @@
     for idx, x, y, keep in source.train_batches(epoch, order.split(256)):   # order: list(sampler)
         ...                                   # x: float [B, 3, 224, 224] normalised on the device
 
-DataLoader workers decode the images (torchcodec where installed, else Pillow) and send them as
-uint8 to the device, which normalises them. The sampler draws in the main process, as for the
-in-memory sets. A training crop's random numbers (random-resized, flipped) come from (seed,
-epoch, rank, position in the epoch): the crops do not depend on the number of workers, and a
-resumed run sees what an uninterrupted one would. An unreadable file stops the run naming it
-(data.DataError), or, with skip_corrupt, is trained on at weight 0 as a black image.
+DataLoader workers decode the images and send them as uint8 to the device, which normalises them.
+A training crop's random numbers come from (seed, epoch, rank, position in the epoch), so the crops
+do not depend on the number of workers, and a resumed run sees what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ EVAL_CROP = 0.875                 # evaluation: centre crop of size out of a siz
 
 
 def require_pillow():
-    """The PIL.Image module, or a DataError naming the install command."""
     try:
         from PIL import Image
     except ImportError as e:
@@ -72,8 +68,7 @@ class Folder(NamedTuple):
     val: Split
 
     def digest(self) -> bytes:
-        """SHA-256 of every split's file list and labels: equal on two machines only if they
-        would read the same examples in the same order (checked across ranks under DDP)."""
+        """SHA-256 of both splits' file lists and labels (compared across ranks and on --resume)."""
         h = hashlib.sha256()
         for split in (self.train, self.val):
             h.update(b"\0".join(split.paths.tolist()))
@@ -110,23 +105,19 @@ def scan(root: str | os.PathLike) -> Folder:
 
 
 def _list_split(split: Path, classes: list[str]) -> Split:
-    paths, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        files = sorted(_images_below(split / name, {os.path.realpath(split): split}))
-        empty += [] if files else [name]
-        paths += [os.fsencode(os.path.join(name, f)) for f in files]
-        labels += [label] * len(files)
-    if empty:
+    files = [sorted(_images_below(split / name, {os.path.realpath(split): split})) for name in classes]
+    if empty := [name for name, names in zip(classes, files) if not names]:
         raise DataError(f"{len(empty)} class folder(s) in {split} hold no image "
                         f"({', '.join(IMAGE_EXTENSIONS)}): {_some(empty)}. Remove them from both "
                         f"train/ and val/, or fill them.")
-    return Split(str(split), np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.long))
+    paths = [os.fsencode(os.path.join(name, f)) for name, names in zip(classes, files) for f in names]
+    labels = torch.arange(len(classes)).repeat_interleave(torch.tensor([len(names) for names in files]))
+    return Split(str(split), np.array(paths, dtype=bytes), labels)
 
 
 def _images_below(folder: Path, above: dict) -> Iterator[str]:
-    """The images anywhere below `folder`, as paths relative to it, symbolic links to folders
-    followed (torchvision's os.walk(followlinks=True)); a link back into a folder above, which
-    os.walk follows until the path is too long, is refused. above: real path -> folder."""
+    """The images anywhere below `folder`, relative to it, links to folders followed as torchvision
+    does, but a link back to a folder above (above: real path -> folder) refused, not walked forever."""
     if (here := os.path.realpath(folder)) in above:
         raise DataError(f"{folder} is {above[here]} again (a symbolic link loop); remove the link.")
     folders, images = _listdir(folder)
@@ -136,9 +127,8 @@ def _images_below(folder: Path, above: dict) -> Iterator[str]:
 
 
 def _listdir(folder: Path) -> tuple[list[str], list[str]]:
-    """The sub-folders and image files in `folder`, sorted, symbolic links followed, hidden ones
-    (.name) left out. DataError for an entry that cannot be read (no permission, a link that
-    loops), and for a broken link: it may have led to images, which would go missing unseen."""
+    """The sorted sub-folders and image files in `folder`, hidden ones (.name) left out. DataError for
+    an entry that cannot be read, and for a broken link: it may have led to images gone missing unseen."""
     folders, images = [], []
     try:
         with os.scandir(folder) as entries:
@@ -156,8 +146,8 @@ def _listdir(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(folders), sorted(images)
 
 
-def _some(names: list[str], k: int = 5) -> str:
-    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
