@@ -151,12 +151,11 @@ def _some(names: list[str]) -> str:
 
 
 def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
-    """Moves the images lying directly in `split` into split/<class>/ folders as the labels file
-    says: "<image>,<class>" or "<image> <class>" lines, the image with or without its extension,
-    the class's first word read (so ImageNet's LOC_val_solution.csv works); other lines, a header
-    among them, are ignored. Nothing moves unless the file is UTF-8 text that labels every image
-    with a class that can be a folder name, and no move would replace a file. Returns how many
-    moved; run again, it moves the rest, or none."""
+    """Moves the images lying directly in `split` into split/<class>/ folders by a UTF-8 labels file
+    of "<image>,<class>" or "<image> <class>" lines (the image with or without its extension; the
+    class's first word; other lines ignored), as ImageNet's LOC_val_solution.csv is. Nothing moves
+    unless every image has a label that can be a folder name and no move would replace a file.
+    Returns how many moved; run again, it moves the rest, or none."""
     split = Path(split)
     if not split.is_dir():
         raise DataError(f"{split} is not a folder.")
@@ -183,7 +182,6 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
 
 
 def _read_labels(labels) -> dict[str, str]:
-    """{image: class} from the labels file (see sort_flat_split); DataError if it is no UTF-8."""
     with open(labels, "rb") as f:           # a byte order mark (Excel's "CSV UTF-8") is no name
         lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
     by_name = {}
@@ -200,7 +198,7 @@ def _read_labels(labels) -> dict[str, str]:
 
 
 def _not_folder_names(split: Path, names: set[str]) -> list[str]:
-    """Those of `names` that cannot be folders in `split`, each with the reason."""
+    """Those of `names` that cannot be folders in `split`, each with why."""
     try:
         limit = os.pathconf(split, "PC_NAME_MAX")   # -1: no limit
     except (AttributeError, OSError, ValueError):   # no pathconf (Windows), or not known here
@@ -215,38 +213,29 @@ def _not_folder_names(split: Path, names: set[str]) -> list[str]:
     return bad
 
 
-def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE,
-             ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """A random-resized crop's (left, top, right, bottom) in a width x height image: area a share
-    U(scale) of the image's, aspect ratio log-uniform in `ratio`, placed uniformly. Ten tries;
-    then the largest centred crop with its aspect ratio clipped to `ratio`."""
+    U(CROP_SCALE) of the image's, aspect ratio log-uniform in CROP_RATIO, placed uniformly. Ten
+    tries; then the largest centred crop with its aspect ratio clipped to CROP_RATIO."""
+    lo, hi = CROP_RATIO
     for _ in range(10):
-        area = width * height * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        area = width * height * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             return left, top, left + w, top + h
-    aspect = min(max(width / height, ratio[0]), ratio[1])
+    aspect = min(max(width / height, lo), hi)
     w, h = min(width, round(height * aspect)), min(height, round(width / aspect))
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
-
-
-def centre_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """The centre size x size crop of the image resized to a shorter side of size / EVAL_CROP, as
-    a box in the original's whole pixels (so that every decoder crops the same ones)."""
-    side = max(1, round(min(width, height) * EVAL_CROP))
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
 
 
 DECODERS = ("auto", "pillow", "torchcodec")
 
 
 def resolve_decoder(decoder: str = "auto") -> str:
-    """"auto": torchcodec where it loads (the faster, see docs/imagenet.md), else Pillow.
-    DataError if torchcodec is asked for but does not load."""
+    """"auto": torchcodec where it loads, else Pillow; DataError if torchcodec is asked for and does not load."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
     try:
@@ -255,23 +244,27 @@ def resolve_decoder(decoder: str = "auto") -> str:
             return "torchcodec"
     except Exception as e:        # ImportError, or its native libraries failing to load
         if decoder == "torchcodec":
-            raise DataError(f"--decoder torchcodec: torchcodec does not load ({type(e).__name__}: "
-                            f"{e}); pip install torchcodec (the release matching your torch), or "
-                            f"use --decoder pillow") from e
+            raise DataError(f"--decoder torchcodec: torchcodec does not load ({type(e).__name__}: {e}); "
+                            f"pip install torchcodec (the release matching your torch), or use --decoder pillow") from e
     return "pillow"
 
 
 def load_image(path: str, size: int, rng: np.random.Generator | None, draft: bool = True,
                decoder: str = "pillow") -> Tensor:
-    """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
-    probability 1/2, when rng is given (training); the evaluation centre crop otherwise. Pillow
-    reads the header (the size, for the crop) and decodes a JPEG at reduced size where the crop
-    allows (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
-    them; Pillow decodes the rest. Errors propagate (see `unreadable`)."""
+    """The image at `path` as uint8 [size, size, 3]. With rng (training): a random-resized crop,
+    flipped with probability 1/2; else the centre crop of a resize to a shorter side of size / EVAL_CROP,
+    as a box in whole pixels of the original (so that every decoder crops the same ones). A JPEG is
+    decoded at reduced size where the crop allows (draft); else torchcodec, if asked, decodes JPEG
+    and 8-bit PNG files; Pillow the rest. Errors propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
         width, height = img.size
-        box = crop_box(width, height, rng) if rng is not None else centre_box(width, height, size)
+        if rng is not None:
+            box = crop_box(width, height, rng)
+        else:
+            side = max(1, round(min(width, height) * EVAL_CROP))
+            left, top = (width - side) // 2, (height - side) // 2
+            box = (left, top, left + side, top + side)
         # the largest DCT scaling (1/2, 1/4, 1/8) that keeps the crop >= size on both sides
         shrink = min(box[2] - box[0], box[3] - box[1]) / size
         out = None
@@ -287,18 +280,16 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
 
 
 def _rgb(img):
-    """The Pillow image in 8-bit RGB. 16-bit grey (modes I;16, I;16B, ... and I, as Pillow opens
-    16-bit PNG and TIFF files) is scaled from 0..65535 to 0..255 first: converted as it is, it
-    would be clipped at 255, near white."""
+    """The Pillow image in 8-bit RGB; 16-bit grey (modes I;16, I;16B, ... and I) scaled to 0..255
+    first: converted as it is, it would be clipped at 255, near white."""
     if img.mode.startswith("I"):
         img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
     return img.convert("RGB")
 
 
 def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tensor | None:
-    """torchcodec's decode, the box cropped and resized to size x size: uint8 [size, size, 3];
-    None if torchcodec fails (Pillow then decodes the file, or says why it cannot) or decodes
-    another shape than Pillow's header gave (e.g. rotated by EXIF)."""
+    """The box of torchcodec's decode resized to uint8 [size, size, 3]; None (Pillow decodes then) if
+    torchcodec fails or decodes another shape than Pillow's header gave (e.g. rotated by EXIF)."""
     from torchcodec.decoders import decode_image
     try:
         x = decode_image(path, mode="RGB")                      # [3, H, W] uint8
@@ -306,15 +297,14 @@ def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tenso
         return None
     if tuple(x.shape[1:]) != shape:
         return None
-    left, top, right, bottom = (int(round(v)) for v in box)
-    crop = x[None, :, top:max(bottom, top + 1), left:max(right, left + 1)]
+    left, top, right, bottom = box                              # whole pixels, at least 1 x 1
+    crop = x[None, :, top:bottom, left:right]
     out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
     return out[0].permute(1, 2, 0).contiguous()
 
 
 def unreadable() -> tuple[type[Exception], ...]:
-    """What Pillow raises for a file it cannot decode: damaged, truncated, not an image, or over
-    Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; that one is no OSError)."""
+    """What Pillow raises for a file it cannot decode (over MAX_IMAGE_PIXELS: a bomb, no OSError)."""
     return (OSError, SyntaxError, ValueError, EOFError, require_pillow().DecompressionBombError)
 
 
@@ -333,10 +323,10 @@ class FolderDataset(torch.utils.data.Dataset):
     the augmentation's seed; evaluation keys are indices. An item is (uint8 image [size, size,
     3], label, index, ok); ok is False, and the image black, if the file could not be decoded."""
 
-    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, draft: bool = True,
-                 augment: bool = True, decoder: str = "pillow"):
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, augment: bool = True,
+                 decoder: str = "pillow"):
         self.split, self.size, self.train, self.seed = split, size, train, seed
-        self.draft, self.augment, self.decoder = draft, augment, decoder
+        self.augment, self.decoder = augment, decoder
 
     def __len__(self) -> int:
         return len(self.split)
@@ -346,7 +336,7 @@ class FolderDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, epoch, rank, position)) if self.train and self.augment else None
         label = int(self.split.labels[index])
         try:
-            image = load_image(self.split.path(index), self.size, rng, self.draft, self.decoder)
+            image = load_image(self.split.path(index), self.size, rng, decoder=self.decoder)
             return image, label, index, True
         except unreadable():             # called only when something was raised
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
@@ -365,8 +355,7 @@ class FolderSource:
     on the device. The in-memory sets have the same interface (train.MemorySource)."""
 
     def __init__(self, folder: Folder, size: int, workers: int, device, seed: int = 0,
-                 rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True,
-                 decoder: str = "auto"):
+                 rank: int = 0, skip_corrupt: bool = False, augment: bool = True, decoder: str = "auto"):
         require_pillow()
         for split in (folder.train, folder.val):      # a Folder made by hand, not by scan()
             check_labels(split.labels, len(folder.classes), split.root)
@@ -378,17 +367,16 @@ class FolderSource:
         self.norm = Normalizer(IMAGENET_STATS, self.device)
         self.skipped = 0                  # unreadable images met so far, training and validation
         self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch
-        train = FolderDataset(folder.train, size, True, seed, draft, augment, self.decoder)
-        val = FolderDataset(folder.val, size, False, seed, draft, decoder=self.decoder)
-        self._train, self._test = (make_loader(d, [], workers, self.device.type == "cuda")
-                                   for d in (train, val))
+        train = FolderDataset(folder.train, size, True, seed, augment, self.decoder)
+        val = FolderDataset(folder.val, size, False, decoder=self.decoder)
+        pin = self.device.type == "cuda"
+        self._train, self._test = make_loader(train, [], workers, pin), make_loader(val, [], workers, pin)
         for loader in (self._train, self._test):    # no batches yet: this forks the workers now,
             list(loader)                            # before torch.compile starts its threads
 
     def train_batches(self, epoch: int, batches: list[Tensor]) -> Iterator[tuple]:
-        """(idx, x, y, keep) per minibatch of indices: keep is None, or (with skip_corrupt) a 0/1
-        float tensor on the device marking the images that were read. The time the host waits for
-        the loader adds to wait_seconds (on a GPU: time the device went unfed)."""
+        """(idx, x, y, keep) per minibatch of indices: keep is None, or (with skip_corrupt) 0/1 floats
+        marking the images that were read. The time spent waiting for the loader adds to wait_seconds."""
         starts = np.cumsum([0] + [len(idx) for idx in batches]).tolist()
         self._train.batch_sampler[:] = [[(epoch, self.rank, start + j, i)
                                      for j, i in enumerate(idx.tolist())]
@@ -440,8 +428,7 @@ class FolderSource:
 def main(argv: list[str] | None = None) -> int:
     """`python imagefolder.py sort DIR/val LABELS`; exit status 2 and "error: ..." for bad data."""
     import argparse
-    p = argparse.ArgumentParser(description="Sorts a flat folder of images (ImageNet's val/) into "
-                                "class folders by a labels file: see sort_flat_split.")
+    p = argparse.ArgumentParser(description="Sorts ImageNet's flat val/ folder into class folders (sort_flat_split).")
     p.add_argument("command", choices=["sort"])
     p.add_argument("split", help="the flat folder, e.g. /data/imagenet/val")
     p.add_argument("labels", help="'<image>,<class>' or '<image> <class>' lines, e.g. LOC_val_solution.csv")
