@@ -7,15 +7,15 @@
     for idx, x, y, keep in source.train_batches(epoch, order.split(256)):   # order: list(sampler)
         ...                                   # x: float [B, 3, 224, 224] normalised on the device
 
-DataLoader workers decode the images and send them as uint8 to the device, which normalises them.
-A training crop's random numbers come from (seed, epoch, rank, position in the epoch), so the crops
-do not depend on the number of workers, and a resumed run sees what an uninterrupted one would.
+DataLoader workers decode the images to uint8; the device normalises them. A training crop is seeded
+by (seed, epoch, rank, position in the epoch): the same with any number of workers, and on resume.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import math
 import os
 import sys
@@ -275,16 +275,10 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
         elif decoder == "torchcodec" and img.format in ("JPEG", "PNG") and img.mode[0] != "I":
             out = _torchcodec_crop(path, box, size, (height, width))
         if out is None:
-            out = torch.from_numpy(np.array(_rgb(img).resize((size, size), Image.BILINEAR, box=box)))
+            if img.mode.startswith("I"):     # 16-bit grey (I;16, I;16B, I): scaled, not clipped at 255
+                img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+            out = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)))
     return out.flip(1) if rng is not None and rng.random() < 0.5 else out
-
-
-def _rgb(img):
-    """The Pillow image in 8-bit RGB; 16-bit grey (modes I;16, I;16B, ... and I) scaled to 0..255
-    first: converted as it is, it would be clipped at 255, near white."""
-    if img.mode.startswith("I"):
-        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
-    return img.convert("RGB")
 
 
 def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tensor | None:
@@ -377,10 +371,9 @@ class FolderSource:
     def train_batches(self, epoch: int, batches: list[Tensor]) -> Iterator[tuple]:
         """(idx, x, y, keep) per minibatch of indices: keep is None, or (with skip_corrupt) 0/1 floats
         marking the images that were read. The time spent waiting for the loader adds to wait_seconds."""
-        starts = np.cumsum([0] + [len(idx) for idx in batches]).tolist()
-        self._train.batch_sampler[:] = [[(epoch, self.rank, start + j, i)
-                                     for j, i in enumerate(idx.tolist())]
-                                    for start, idx in zip(starts, batches)]
+        position = itertools.count()              # in the epoch
+        self._train.batch_sampler[:] = [[(epoch, self.rank, next(position), i) for i in idx.tolist()]
+                                        for idx in batches]
         t0 = time.perf_counter()
         loader = iter(self._train)               # hands the running workers the new minibatches
         for idx in batches:
