@@ -429,8 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"moved {sort_flat_split(a.split, a.labels)} images into class folders of {a.split}")
     except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        p.exit(2, f"error: {e}\n")
     return 0
 
 
