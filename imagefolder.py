@@ -99,8 +99,7 @@ def scan(root: str | os.PathLike) -> Folder:
             raise DataError(f"{root / split} holds {len(mine)} class folder(s) ({_some(mine)}); a "
                             f"classifier needs at least 2 classes; {LAYOUT}.")
         if lacking := sorted(set(other) - set(mine)):
-            raise DataError(f"{len(lacking)} class(es) have no folder in {root / split}: "
-                            f"{_some(lacking)}; {LAYOUT}.")
+            raise DataError(f"{len(lacking)} class(es) have no folder in {root / split}: {_some(lacking)}; {LAYOUT}.")
     return Folder(str(root), tuple(classes), *(_list_split(root / s, classes) for s in ("train", "val")))
 
 
@@ -165,11 +164,9 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
         raise DataError(f"{labels} has no label for {len(unlabelled)} of the {len(loose)} images "
                         f"in {split} ({_some(unlabelled)}); nothing was moved.")
     if odd := _not_folder_names(split, set(label.values())):
-        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; "
-                        f"nothing was moved.")
+        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; nothing was moved.")
     if taken := [os.path.join(c, n) for n, c in label.items() if os.path.lexists(split / c / n)]:
-        raise DataError(f"{split} already holds {_some(taken)}, which moving would replace; "
-                        f"nothing was moved.")
+        raise DataError(f"{split} already holds {_some(taken)}, which moving would replace; nothing was moved.")
     for moved, (name, cls) in enumerate(label.items()):
         try:
             (split / cls).mkdir(exist_ok=True)
@@ -317,8 +314,7 @@ class FolderDataset(torch.utils.data.Dataset):
     the augmentation's seed; evaluation keys are indices. An item is (uint8 image [size, size,
     3], label, index, ok); ok is False, and the image black, if the file could not be decoded."""
 
-    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, augment: bool = True,
-                 decoder: str = "pillow"):
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, augment: bool = True, decoder: str = "pillow"):
         self.split, self.size, self.train, self.seed = split, size, train, seed
         self.augment, self.decoder = augment, decoder
 
@@ -339,9 +335,8 @@ class FolderDataset(torch.utils.data.Dataset):
 def make_loader(dataset: FolderDataset, batches: list[list], workers: int, pin_memory: bool):
     """A loader of the minibatches (lists of keys) in `batches`, read afresh at each pass: the main
     process replaces its contents (loader.batch_sampler[:] = ...), persistent workers serve them."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 class FolderSource:
