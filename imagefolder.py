@@ -314,7 +314,8 @@ class FolderDataset(torch.utils.data.Dataset):
     the augmentation's seed; evaluation keys are indices. An item is (uint8 image [size, size,
     3], label, index, ok); ok is False, and the image black, if the file could not be decoded."""
 
-    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, augment: bool = True, decoder: str = "pillow"):
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, augment: bool = True,
+                 decoder: str = "pillow"):
         self.split, self.size, self.train, self.seed = split, size, train, seed
         self.augment, self.decoder = augment, decoder
 
