@@ -386,9 +386,8 @@ class FolderSource:
         mine = torch.arange(rank, self.num_test, world_size)
         self._test.batch_sampler[:] = [b.tolist() for b in mine.split(batch_size)]
         for images, labels, index, ok in self._test:
-            keep = self._keep(self.folder.val, index, ok)
-            labels = labels if keep is None else torch.where(keep > 0, labels, -1)
-            yield self._to_device(images), labels.to(self.device, non_blocking=True)
+            self._keep(self.folder.val, index, ok)          # raises, or counts the skipped
+            yield self._to_device(images), labels.where(ok, -1).to(self.device, non_blocking=True)
 
     def _to_device(self, images: Tensor) -> Tensor:
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)   # [B, 3, H, W] uint8
