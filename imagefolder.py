@@ -1,4 +1,4 @@
-"""ImageNet, and any data set in its folder-of-classes layout, streamed from disk.
+"""ImageNet, and any data set in its folder-of-classes layout, streamed from disk (docs/imagenet.md).
 
     DIR/train/<class>/**/<image>    DIR/val/<class>/**/<image>    (class names: any folder names)
 
@@ -7,18 +7,15 @@
     for idx, x, y, keep in source.train_batches(epoch, order.split(256)):   # order: list(sampler)
         ...                                   # x: float [B, 3, 224, 224] normalised on the device
 
-DataLoader workers decode the images (torchcodec where installed, else Pillow) and send them as
-uint8 to the device, which normalises them. The sampler draws in the main process, as for the
-in-memory sets. A training crop's random numbers (random-resized, flipped) come from (seed,
-epoch, rank, position in the epoch): the crops do not depend on the number of workers, and a
-resumed run sees what an uninterrupted one would. An unreadable file stops the run naming it
-(data.DataError), or, with skip_corrupt, is trained on at weight 0 as a black image.
+DataLoader workers decode the images to uint8; the device normalises them. A training crop is seeded
+by (seed, epoch, rank, position in the epoch): the same with any number of workers, and on resume.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import math
 import os
 import sys
@@ -41,7 +38,6 @@ EVAL_CROP = 0.875                 # evaluation: centre crop of size out of a siz
 
 
 def require_pillow():
-    """The PIL.Image module, or a DataError naming the install command."""
     try:
         from PIL import Image
     except ImportError as e:
@@ -72,8 +68,7 @@ class Folder(NamedTuple):
     val: Split
 
     def digest(self) -> bytes:
-        """SHA-256 of every split's file list and labels: equal on two machines only if they
-        would read the same examples in the same order (checked across ranks under DDP)."""
+        """SHA-256 of both splits' file lists and labels (compared across ranks and on --resume)."""
         h = hashlib.sha256()
         for split in (self.train, self.val):
             h.update(b"\0".join(split.paths.tolist()))
@@ -104,29 +99,24 @@ def scan(root: str | os.PathLike) -> Folder:
             raise DataError(f"{root / split} holds {len(mine)} class folder(s) ({_some(mine)}); a "
                             f"classifier needs at least 2 classes; {LAYOUT}.")
         if lacking := sorted(set(other) - set(mine)):
-            raise DataError(f"{len(lacking)} class(es) have no folder in {root / split}: "
-                            f"{_some(lacking)}; {LAYOUT}.")
+            raise DataError(f"{len(lacking)} class(es) have no folder in {root / split}: {_some(lacking)}; {LAYOUT}.")
     return Folder(str(root), tuple(classes), *(_list_split(root / s, classes) for s in ("train", "val")))
 
 
 def _list_split(split: Path, classes: list[str]) -> Split:
-    paths, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        files = sorted(_images_below(split / name, {os.path.realpath(split): split}))
-        empty += [] if files else [name]
-        paths += [os.fsencode(os.path.join(name, f)) for f in files]
-        labels += [label] * len(files)
-    if empty:
+    files = [sorted(_images_below(split / name, {os.path.realpath(split): split})) for name in classes]
+    if empty := [name for name, names in zip(classes, files) if not names]:
         raise DataError(f"{len(empty)} class folder(s) in {split} hold no image "
                         f"({', '.join(IMAGE_EXTENSIONS)}): {_some(empty)}. Remove them from both "
                         f"train/ and val/, or fill them.")
-    return Split(str(split), np.array(paths, dtype=bytes), torch.tensor(labels, dtype=torch.long))
+    paths = [os.fsencode(os.path.join(name, f)) for name, names in zip(classes, files) for f in names]
+    labels = torch.arange(len(classes)).repeat_interleave(torch.tensor([len(names) for names in files]))
+    return Split(str(split), np.array(paths, dtype=bytes), labels)
 
 
 def _images_below(folder: Path, above: dict) -> Iterator[str]:
-    """The images anywhere below `folder`, as paths relative to it, symbolic links to folders
-    followed (torchvision's os.walk(followlinks=True)); a link back into a folder above, which
-    os.walk follows until the path is too long, is refused. above: real path -> folder."""
+    """The images anywhere below `folder`, relative to it, links to folders followed as torchvision
+    does, but a link back to a folder above (above: real path -> folder) refused, not walked forever."""
     if (here := os.path.realpath(folder)) in above:
         raise DataError(f"{folder} is {above[here]} again (a symbolic link loop); remove the link.")
     folders, images = _listdir(folder)
@@ -136,9 +126,8 @@ def _images_below(folder: Path, above: dict) -> Iterator[str]:
 
 
 def _listdir(folder: Path) -> tuple[list[str], list[str]]:
-    """The sub-folders and image files in `folder`, sorted, symbolic links followed, hidden ones
-    (.name) left out. DataError for an entry that cannot be read (no permission, a link that
-    loops), and for a broken link: it may have led to images, which would go missing unseen."""
+    """The sorted sub-folders and image files in `folder`, hidden ones (.name) left out. DataError for
+    an entry that cannot be read, and for a broken link: it may have led to images gone missing unseen."""
     folders, images = [], []
     try:
         with os.scandir(folder) as entries:
@@ -156,17 +145,16 @@ def _listdir(folder: Path) -> tuple[list[str], list[str]]:
     return sorted(folders), sorted(images)
 
 
-def _some(names: list[str], k: int = 5) -> str:
-    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
-    """Moves the images lying directly in `split` into split/<class>/ folders as the labels file
-    says: "<image>,<class>" or "<image> <class>" lines, the image with or without its extension,
-    the class's first word read (so ImageNet's LOC_val_solution.csv works); other lines, a header
-    among them, are ignored. Nothing moves unless the file is UTF-8 text that labels every image
-    with a class that can be a folder name, and no move would replace a file. Returns how many
-    moved; run again, it moves the rest, or none."""
+    """Moves the images lying directly in `split` into split/<class>/ folders by a UTF-8 labels file
+    of "<image>,<class>" or "<image> <class>" lines (the image with or without its extension; the
+    class's first word; other lines ignored), as ImageNet's LOC_val_solution.csv is. Nothing moves
+    unless every image has a label that can be a folder name and no move would replace a file.
+    Returns how many moved; run again, it moves the rest, or none."""
     split = Path(split)
     if not split.is_dir():
         raise DataError(f"{split} is not a folder.")
@@ -176,11 +164,9 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
         raise DataError(f"{labels} has no label for {len(unlabelled)} of the {len(loose)} images "
                         f"in {split} ({_some(unlabelled)}); nothing was moved.")
     if odd := _not_folder_names(split, set(label.values())):
-        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; "
-                        f"nothing was moved.")
+        raise DataError(f"{labels} names classes that are not folder names: {_some(odd)}; nothing was moved.")
     if taken := [os.path.join(c, n) for n, c in label.items() if os.path.lexists(split / c / n)]:
-        raise DataError(f"{split} already holds {_some(taken)}, which moving would replace; "
-                        f"nothing was moved.")
+        raise DataError(f"{split} already holds {_some(taken)}, which moving would replace; nothing was moved.")
     for moved, (name, cls) in enumerate(label.items()):
         try:
             (split / cls).mkdir(exist_ok=True)
@@ -193,7 +179,6 @@ def sort_flat_split(split: str | os.PathLike, labels: str | os.PathLike) -> int:
 
 
 def _read_labels(labels) -> dict[str, str]:
-    """{image: class} from the labels file (see sort_flat_split); DataError if it is no UTF-8."""
     with open(labels, "rb") as f:           # a byte order mark (Excel's "CSV UTF-8") is no name
         lines = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
     by_name = {}
@@ -210,7 +195,7 @@ def _read_labels(labels) -> dict[str, str]:
 
 
 def _not_folder_names(split: Path, names: set[str]) -> list[str]:
-    """Those of `names` that cannot be folders in `split`, each with the reason."""
+    """Those of `names` that cannot be folders in `split`, each with why."""
     try:
         limit = os.pathconf(split, "PC_NAME_MAX")   # -1: no limit
     except (AttributeError, OSError, ValueError):   # no pathconf (Windows), or not known here
@@ -225,38 +210,29 @@ def _not_folder_names(split: Path, names: set[str]) -> list[str]:
     return bad
 
 
-def crop_box(width: int, height: int, rng: np.random.Generator, scale=CROP_SCALE,
-             ratio=CROP_RATIO) -> tuple[int, int, int, int]:
+def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """A random-resized crop's (left, top, right, bottom) in a width x height image: area a share
-    U(scale) of the image's, aspect ratio log-uniform in `ratio`, placed uniformly. Ten tries;
-    then the largest centred crop with its aspect ratio clipped to `ratio`."""
+    U(CROP_SCALE) of the image's, aspect ratio log-uniform in CROP_RATIO, placed uniformly. Ten
+    tries; then the largest centred crop with its aspect ratio clipped to CROP_RATIO."""
+    lo, hi = CROP_RATIO
     for _ in range(10):
-        area = width * height * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        area = width * height * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             return left, top, left + w, top + h
-    aspect = min(max(width / height, ratio[0]), ratio[1])
+    aspect = min(max(width / height, lo), hi)
     w, h = min(width, round(height * aspect)), min(height, round(width / aspect))
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
-
-
-def centre_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """The centre size x size crop of the image resized to a shorter side of size / EVAL_CROP, as
-    a box in the original's whole pixels (so that every decoder crops the same ones)."""
-    side = max(1, round(min(width, height) * EVAL_CROP))
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
 
 
 DECODERS = ("auto", "pillow", "torchcodec")
 
 
 def resolve_decoder(decoder: str = "auto") -> str:
-    """"auto": torchcodec where it loads (the faster, see docs/imagenet.md), else Pillow.
-    DataError if torchcodec is asked for but does not load."""
+    """"auto": torchcodec where it loads, else Pillow; DataError if torchcodec is asked for and does not load."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
     try:
@@ -265,23 +241,27 @@ def resolve_decoder(decoder: str = "auto") -> str:
             return "torchcodec"
     except Exception as e:        # ImportError, or its native libraries failing to load
         if decoder == "torchcodec":
-            raise DataError(f"--decoder torchcodec: torchcodec does not load ({type(e).__name__}: "
-                            f"{e}); pip install torchcodec (the release matching your torch), or "
-                            f"use --decoder pillow") from e
+            raise DataError(f"--decoder torchcodec: torchcodec does not load ({type(e).__name__}: {e}); "
+                            f"pip install torchcodec (the release matching your torch), or use --decoder pillow") from e
     return "pillow"
 
 
 def load_image(path: str, size: int, rng: np.random.Generator | None, draft: bool = True,
                decoder: str = "pillow") -> Tensor:
-    """The image at `path` as uint8 [size, size, 3]: a random-resized crop, flipped with
-    probability 1/2, when rng is given (training); the evaluation centre crop otherwise. Pillow
-    reads the header (the size, for the crop) and decodes a JPEG at reduced size where the crop
-    allows (draft); else torchcodec, if asked, decodes JPEG and 8-bit PNG files and torch resizes
-    them; Pillow decodes the rest. Errors propagate (see `unreadable`)."""
+    """The image at `path` as uint8 [size, size, 3]. With rng (training): a random-resized crop,
+    flipped with probability 1/2; else the centre crop of a resize to a shorter side of size / EVAL_CROP,
+    as a box in whole pixels of the original (so that every decoder crops the same ones). A JPEG is
+    decoded at reduced size where the crop allows (draft); else torchcodec, if asked, decodes JPEG
+    and 8-bit PNG files; Pillow the rest. Errors propagate (see `unreadable`)."""
     Image = require_pillow()
     with Image.open(path) as img:
         width, height = img.size
-        box = crop_box(width, height, rng) if rng is not None else centre_box(width, height, size)
+        if rng is not None:
+            box = crop_box(width, height, rng)
+        else:
+            side = max(1, round(min(width, height) * EVAL_CROP))
+            left, top = (width - side) // 2, (height - side) // 2
+            box = (left, top, left + side, top + side)
         # the largest DCT scaling (1/2, 1/4, 1/8) that keeps the crop >= size on both sides
         shrink = min(box[2] - box[0], box[3] - box[1]) / size
         out = None
@@ -292,23 +272,15 @@ def load_image(path: str, size: int, rng: np.random.Generator | None, draft: boo
         elif decoder == "torchcodec" and img.format in ("JPEG", "PNG") and img.mode[0] != "I":
             out = _torchcodec_crop(path, box, size, (height, width))
         if out is None:
-            out = torch.from_numpy(np.array(_rgb(img).resize((size, size), Image.BILINEAR, box=box)))
+            if img.mode.startswith("I"):     # 16-bit grey (I;16, I;16B, I): scaled, not clipped at 255
+                img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+            out = torch.from_numpy(np.array(img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)))
     return out.flip(1) if rng is not None and rng.random() < 0.5 else out
 
 
-def _rgb(img):
-    """The Pillow image in 8-bit RGB. 16-bit grey (modes I;16, I;16B, ... and I, as Pillow opens
-    16-bit PNG and TIFF files) is scaled from 0..65535 to 0..255 first: converted as it is, it
-    would be clipped at 255, near white."""
-    if img.mode.startswith("I"):
-        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
-    return img.convert("RGB")
-
-
 def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tensor | None:
-    """torchcodec's decode, the box cropped and resized to size x size: uint8 [size, size, 3];
-    None if torchcodec fails (Pillow then decodes the file, or says why it cannot) or decodes
-    another shape than Pillow's header gave (e.g. rotated by EXIF)."""
+    """The box of torchcodec's decode resized to uint8 [size, size, 3]; None (Pillow decodes then) if
+    torchcodec fails or decodes another shape than Pillow's header gave (e.g. rotated by EXIF)."""
     from torchcodec.decoders import decode_image
     try:
         x = decode_image(path, mode="RGB")                      # [3, H, W] uint8
@@ -316,15 +288,14 @@ def _torchcodec_crop(path: str, box, size: int, shape: tuple[int, int]) -> Tenso
         return None
     if tuple(x.shape[1:]) != shape:
         return None
-    left, top, right, bottom = (int(round(v)) for v in box)
-    crop = x[None, :, top:max(bottom, top + 1), left:max(right, left + 1)]
+    left, top, right, bottom = box                              # whole pixels, at least 1 x 1
+    crop = x[None, :, top:bottom, left:right]
     out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
     return out[0].permute(1, 2, 0).contiguous()
 
 
 def unreadable() -> tuple[type[Exception], ...]:
-    """What Pillow raises for a file it cannot decode: damaged, truncated, not an image, or over
-    Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; that one is no OSError)."""
+    """What Pillow raises for a file it cannot decode (over MAX_IMAGE_PIXELS: a bomb, no OSError)."""
     return (OSError, SyntaxError, ValueError, EOFError, require_pillow().DecompressionBombError)
 
 
@@ -343,10 +314,10 @@ class FolderDataset(torch.utils.data.Dataset):
     the augmentation's seed; evaluation keys are indices. An item is (uint8 image [size, size,
     3], label, index, ok); ok is False, and the image black, if the file could not be decoded."""
 
-    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, draft: bool = True,
-                 augment: bool = True, decoder: str = "pillow"):
+    def __init__(self, split: Split, size: int, train: bool, seed: int = 0, augment: bool = True,
+                 decoder: str = "pillow"):
         self.split, self.size, self.train, self.seed = split, size, train, seed
-        self.draft, self.augment, self.decoder = draft, augment, decoder
+        self.augment, self.decoder = augment, decoder
 
     def __len__(self) -> int:
         return len(self.split)
@@ -356,7 +327,7 @@ class FolderDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.seed, epoch, rank, position)) if self.train and self.augment else None
         label = int(self.split.labels[index])
         try:
-            image = load_image(self.split.path(index), self.size, rng, self.draft, self.decoder)
+            image = load_image(self.split.path(index), self.size, rng, decoder=self.decoder)
             return image, label, index, True
         except unreadable():             # called only when something was raised
             return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), label, index, False
@@ -365,9 +336,8 @@ class FolderDataset(torch.utils.data.Dataset):
 def make_loader(dataset: FolderDataset, batches: list[list], workers: int, pin_memory: bool):
     """A loader of the minibatches (lists of keys) in `batches`, read afresh at each pass: the main
     process replaces its contents (loader.batch_sampler[:] = ...), persistent workers serve them."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 class FolderSource:
@@ -375,8 +345,7 @@ class FolderSource:
     on the device. The in-memory sets have the same interface (train.MemorySource)."""
 
     def __init__(self, folder: Folder, size: int, workers: int, device, seed: int = 0,
-                 rank: int = 0, skip_corrupt: bool = False, draft: bool = True, augment: bool = True,
-                 decoder: str = "auto"):
+                 rank: int = 0, skip_corrupt: bool = False, augment: bool = True, decoder: str = "auto"):
         require_pillow()
         for split in (folder.train, folder.val):      # a Folder made by hand, not by scan()
             check_labels(split.labels, len(folder.classes), split.root)
@@ -388,21 +357,19 @@ class FolderSource:
         self.norm = Normalizer(IMAGENET_STATS, self.device)
         self.skipped = 0                  # unreadable images met so far, training and validation
         self.wait_seconds = 0.0           # time the training loop spent waiting for a minibatch
-        train = FolderDataset(folder.train, size, True, seed, draft, augment, self.decoder)
-        val = FolderDataset(folder.val, size, False, seed, draft, decoder=self.decoder)
-        self._train, self._test = (make_loader(d, [], workers, self.device.type == "cuda")
-                                   for d in (train, val))
+        train = FolderDataset(folder.train, size, True, seed, augment, self.decoder)
+        val = FolderDataset(folder.val, size, False, decoder=self.decoder)
+        pin = self.device.type == "cuda"
+        self._train, self._test = make_loader(train, [], workers, pin), make_loader(val, [], workers, pin)
         for loader in (self._train, self._test):    # no batches yet: this forks the workers now,
             list(loader)                            # before torch.compile starts its threads
 
     def train_batches(self, epoch: int, batches: list[Tensor]) -> Iterator[tuple]:
-        """(idx, x, y, keep) per minibatch of indices: keep is None, or (with skip_corrupt) a 0/1
-        float tensor on the device marking the images that were read. The time the host waits for
-        the loader adds to wait_seconds (on a GPU: time the device went unfed)."""
-        starts = np.cumsum([0] + [len(idx) for idx in batches]).tolist()
-        self._train.batch_sampler[:] = [[(epoch, self.rank, start + j, i)
-                                     for j, i in enumerate(idx.tolist())]
-                                    for start, idx in zip(starts, batches)]
+        """(idx, x, y, keep) per minibatch of indices: keep is None, or (with skip_corrupt) 0/1 floats
+        marking the images that were read. The time spent waiting for the loader adds to wait_seconds."""
+        position = itertools.count()              # in the epoch
+        self._train.batch_sampler[:] = [[(epoch, self.rank, next(position), i) for i in idx.tolist()]
+                                        for idx in batches]
         t0 = time.perf_counter()
         loader = iter(self._train)               # hands the running workers the new minibatches
         for idx in batches:
@@ -419,9 +386,8 @@ class FolderSource:
         mine = torch.arange(rank, self.num_test, world_size)
         self._test.batch_sampler[:] = [b.tolist() for b in mine.split(batch_size)]
         for images, labels, index, ok in self._test:
-            keep = self._keep(self.folder.val, index, ok)
-            labels = labels if keep is None else torch.where(keep > 0, labels, -1)
-            yield self._to_device(images), labels.to(self.device, non_blocking=True)
+            self._keep(self.folder.val, index, ok)          # raises, or counts the skipped
+            yield self._to_device(images), labels.where(ok, -1).to(self.device, non_blocking=True)
 
     def _to_device(self, images: Tensor) -> Tensor:
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)   # [B, 3, H, W] uint8
@@ -450,8 +416,7 @@ class FolderSource:
 def main(argv: list[str] | None = None) -> int:
     """`python imagefolder.py sort DIR/val LABELS`; exit status 2 and "error: ..." for bad data."""
     import argparse
-    p = argparse.ArgumentParser(description="Sorts a flat folder of images (ImageNet's val/) into "
-                                "class folders by a labels file: see sort_flat_split.")
+    p = argparse.ArgumentParser(description="Sorts ImageNet's flat val/ folder into class folders (sort_flat_split).")
     p.add_argument("command", choices=["sort"])
     p.add_argument("split", help="the flat folder, e.g. /data/imagenet/val")
     p.add_argument("labels", help="'<image>,<class>' or '<image> <class>' lines, e.g. LOC_val_solution.csv")
@@ -459,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"moved {sort_flat_split(a.split, a.labels)} images into class folders of {a.split}")
     except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        p.exit(2, f"error: {e}\n")
     return 0
 
 
