@@ -277,9 +277,8 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pad: int = 
 
 def augment(x: Tensor, generator: torch.Generator | None = None, *, pad: int = 4,
             flip: bool = True) -> Tensor:
-    """Random crop after zero padding by `pad`, and random horizontal flip: the usual CIFAR
-    augmentation of the SNN literature, on a whole batch x [B, C, H, W] (uint8 or float) at once,
-    on x's device. Reproducible with a seeded `generator` (on x's device or the CPU)."""
+    """Random crop after zero padding by `pad` and random horizontal flip, the usual CIFAR augmentation,
+    of a batch x [B, C, H, W] on x's device; reproducible with a seeded `generator` (x's device or CPU)."""
     top, left, flips = augment_params(len(x), pad=pad, flip=flip, generator=generator, device=x.device)
     return crop_flip(x, top, left, flips, pad=pad)
 
@@ -344,7 +343,11 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     """Load CIFAR from `<data_dir>/<source.folder>`; if absent, from the archive (placed by hand,
     or downloaded when `download`), MD5-checked, then extracted. Every file is MD5-checked."""
     data_dir = Path(data_dir)
-    folder, archive, by_hand = data_dir / source.folder, data_dir / source.archive, _by_hand(source, data_dir)
+    folder, archive = data_dir / source.folder, data_dir / source.archive
+    by_hand = (f"To set up {source.name} by hand, download\n    {source.url}\non a machine with internet "
+               f"access and copy it unchanged to\n    {archive}    (MD5 {source.archive_md5})\n"
+               f"or extract it so that {folder}/ holds {', '.join(n for n, _ in source.files)}; "
+               f"then run again. The synthetic data set needs no files.")
     if not folder.is_dir():
         if not (download or archive.is_file()):
             raise DataError(f"{source.name} is not in {data_dir} and download=False.\n{by_hand}")
@@ -368,20 +371,13 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     return ArrayDataset(*splits, source.num_classes, source=str(folder))
 
 
-def _by_hand(source: Source, data_dir: Path) -> str:
-    return (f"To set up {source.name} by hand, download\n    {source.url}\non a machine with internet "
-            f"access and copy it unchanged to\n    {data_dir / source.archive}    (MD5 {source.archive_md5})\n"
-            f"or extract it so that {data_dir / source.folder}/ holds {', '.join(n for n, _ in source.files)}; "
-            f"then run again. The synthetic data set needs no files.")
-
-
 def _check_md5(actual: str, md5: str, what, advice: str) -> None:
     if actual != md5:
         raise ChecksumError(f"{what}: MD5 {actual} differs from the official {md5}; {advice}")
 
 
 def _read_batch(path: Path, md5: str, source: Source, by_hand: str) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file: MD5-check its bytes, then unpickle those same bytes and decode them."""
+    """One batch file's images and labels, unpickled from the very bytes whose MD5 was checked."""
     redo = f"Delete the folder {path.parent} and run again to extract it afresh (downloaded if absent)"
     try:
         raw = path.read_bytes()
@@ -389,57 +385,51 @@ def _read_batch(path: Path, md5: str, source: Source, by_hand: str) -> tuple[np.
         raise DataError(f"{path} is missing: its folder is incomplete. {redo}.\n{by_hand}") from None
     _check_md5(hashlib.md5(raw).hexdigest(), md5, path, f"the file was not loaded (a damaged, partial "
                f"or altered copy). {redo}, or place the official {source.archive} there by hand.")
-    # The only unpickling in this module, of verified bytes. latin1 decodes the Python 2
-    # strings of the official files (keys become str; files written by Python 3 keep bytes).
-    entry = pickle.loads(raw, encoding="latin1")
-    field = lambda key: entry[key] if key in entry else entry[key.encode()]
-    x, y = np.asarray(field("data"), dtype=np.uint8), np.asarray(field(source.label_key), dtype=np.int64)
+    entry = pickle.loads(raw, encoding="bytes")     # as the data sets' page reads them: bytes keys
     # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
-    return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), y
+    x = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(entry[source.label_key.encode()], dtype=np.int64)
 
 
-def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest`, which appears only once the MD5 matches: the bytes stream into a
-    temporary file next to `dest` (the rename is atomic), removed on any failure or interruption.
-    Raises DataError when the download fails, ChecksumError when the MD5 differs."""
-    dest = Path(dest)
+def download_file(url: str, dest: Path, md5: str) -> None:
+    """Download `url` to `dest` through a temporary file beside it, renamed into place (atomically)
+    once its MD5 matches and removed on any failure or interruption."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    digest = hashlib.md5()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "w+b") as out:
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
+                with urllib.request.urlopen(url, timeout=60) as response:
                     print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
+                    shutil.copyfileobj(response, out, 1 << 20)
             # no connection, a broken one, or a full disk (urllib's URLError is an OSError)
             except (OSError, HTTPException, ValueError) as e:
                 raise DataError(f"could not download {url} to {dest} (stopped after {out.tell()} bytes): "
                                 f"{getattr(e, 'reason', None) or e}. This machine may be offline, the "
                                 f"server unreachable or {dest.parent} full; run again to retry.") from e
-        _check_md5(digest.hexdigest(), md5, f"the file downloaded from {url}", "it was discarded. Run "
-                   "again to retry (a proxy or captive portal may have altered it).")
+            out.seek(0)
+            _check_md5(hashlib.file_digest(out, "md5").hexdigest(), md5, f"the file downloaded from {url}",
+                       "it was discarded. Run again to retry (a proxy or captive portal may have altered it).")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return dest
 
 
-def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, folder: str) -> Path:
-    """Extract the top-level `folder` of a .tar.gz into `data_dir`, atomically: only plain files
-    and folders (a link, device, absolute path or `..` is refused), into a temporary folder that
-    is renamed to `<data_dir>/<folder>` once complete and removed on failure."""
-    archive, data_dir = Path(archive), Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+def extract_archive(archive: Path, data_dir: Path, folder: str) -> None:
+    """Extract the top-level `folder` of a .tar.gz into `data_dir` through a temporary folder, renamed
+    into place once complete and removed on failure. Only plain files and folders are extracted."""
     tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{folder}.", suffix=".extract"))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
-                target = tmp.joinpath(*_safe_parts(member, archive))
+                name, parts = member.name, [p for p in member.name.split("/") if p not in ("", ".")]
+                if (not (member.isdir() or member.isfile()) or name.startswith(("/", "\\")) or "\\" in name
+                        or name[1:2] == ":" or ".." in parts):
+                    raise DataError(f"{archive}: member {name!r} is a link, a special file or a path outside "
+                                    f"the archive's folder; refusing to extract this archive")
                 if member.isfile():             # its folders are made for it
+                    target = tmp.joinpath(*parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(member) as src, open(target, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
@@ -454,15 +444,3 @@ def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, fol
         raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return data_dir / folder
-
-
-def _safe_parts(member: tarfile.TarInfo, archive: Path) -> list[str]:
-    name, parts = member.name, [p for p in member.name.split("/") if p not in ("", ".")]
-    if not (member.isdir() or member.isfile()):
-        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to extract "
-                        f"this archive")
-    if name.startswith(("/", "\\")) or "\\" in name or name[1:2] == ":" or ".." in parts:
-        raise DataError(f"{archive}: member {name!r} has an absolute path or points outside the "
-                        f"archive's folder; refusing to extract")
-    return parts
