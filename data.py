@@ -23,10 +23,10 @@ import tarfile
 import tempfile
 import urllib.request
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,15 +52,7 @@ def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
                         f"index {int(bad[0])} ({len(bad)} in all); a label is a class index.")
 
 
-class _Arrays(NamedTuple):
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-
-
-class ArrayDataset(_Arrays):
+class ArrayDataset(namedtuple("_Arrays", "x_train y_train x_test y_test num_classes")):
     """A whole data set in memory: inputs (uint8 images, or float signals) and int64 labels, whose
     range is checked whoever builds it; `source` names the set in the error."""
 
@@ -128,8 +120,7 @@ def mnist1d_fingerprint(d: dict) -> dict:
 
 
 def mnist1d_mismatch(d: dict) -> str | None:
-    """None if d is the published MNIST-1D set (labels exactly, signals within
-    MNIST1D_TOLERANCE per element), else what differs."""
+    """None if d is the published MNIST-1D set (up to MNIST1D_TOLERANCE), else what differs."""
     got = mnist1d_fingerprint(d)
     if got["labels"] != MNIST1D_PUBLISHED["labels"]:
         return "its labels differ from the published ones"
@@ -171,12 +162,10 @@ def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: in
                    seed: int = 0) -> ArrayDataset:
     """A learnable, CIFAR-shaped data set whose examples differ in difficulty; needs no files.
 
-    Class k's template is a hue (the classes' hues evenly spaced) plus a periodic texture, half of
-    it shared by all classes. An image blends its class's template with another's, mirrors and
-    shifts it, scales it by a contrast, adds a brightness and pixel noise (drawn per example, so
-    difficulty varies) and rounds to uint8; _LABEL_NOISE of the training labels move to another
-    class. The templates, training and test examples have a generator each: the test set does not
-    depend on `num_train`."""
+    Class k's template: a hue plus a periodic texture, half of it shared by all classes. An image
+    blends its class's template with another's, mirrors and shifts it, and takes a contrast, a
+    brightness and pixel noise drawn per example (so difficulty varies). The test set has its own
+    generator: it does not depend on `num_train`."""
     if num_train < 1 or num_test < 1 or num_classes < 2:
         raise ValueError(f"make_synthetic needs num_train, num_test >= 1 and num_classes >= 2; "
                          f"got {num_train}, {num_test}, {num_classes}")
@@ -198,7 +187,7 @@ _CHUNK = 1024               # examples generated at once: they stay in the CPU c
 
 
 def _templates(k: int, g: torch.Generator) -> Tensor:
-    """[k, 2 (plain, mirrored), 3, 32 * 32] class templates of unit RMS."""
+    """[2 k, 3, 32 * 32] class templates of unit RMS: class c's plain at 2 c, mirrored at 2 c + 1."""
     radius = (torch.fft.fftfreq(32, 1 / 32).view(32, 1) ** 2 + torch.fft.rfftfreq(32, 1 / 32) ** 2).sqrt()
     band = ((radius >= 2) & (radius <= 5)).to(torch.float32)
     unit_rms = lambda t: t / t.flatten(1).std(dim=1).view(-1, 1, 1, 1)
@@ -213,11 +202,11 @@ def _templates(k: int, g: torch.Generator) -> Tensor:
     e2 = torch.tensor([1.0, 1.0, -2.0]) / math.sqrt(6)
     u = (hue.cos()[:, None] * e1 + hue.sin()[:, None] * e2) * math.sqrt(3)  # RMS 1 per pixel
     t = math.sqrt(1.0 - _COLOUR ** 2) * t + _COLOUR * u.view(k, 3, 1, 1)
-    return torch.stack([t, t.flip(-1)], dim=1).reshape(k, 2, 3, 32 * 32)
+    return torch.stack([t, t.flip(-1)], dim=1).reshape(2 * k, 3, 32 * 32)
 
 
-def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -> tuple[Tensor, Tensor]:
-    k = templates.shape[0]
+def _sample(bank: Tensor, n: int, g: torch.Generator, label_noise: float) -> tuple[Tensor, Tensor]:
+    k = len(bank) // 2
     y = torch.randperm(n, generator=g) % k
     other = (y + torch.randint(1, k, (n,), generator=g)) % k
     blend = _BLEND * torch.rand(n, generator=g)
@@ -230,7 +219,6 @@ def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -
     dy, dx = torch.randint(0, 32, (2, n, 1), generator=g)
     r = torch.arange(32)
     pixel = (((r + dy) % 32).view(n, 32, 1) * 32 + ((r + dx) % 32).view(n, 1, 32)).view(n, 1, 1024)
-    bank = templates.reshape(k * 2, 3, 1024)
     x = torch.empty(n, 3, 1024, dtype=torch.uint8)
     for i in range(0, n, _CHUNK):
         j = slice(i, i + _CHUNK)
@@ -301,8 +289,7 @@ class Normalizer:
         self.scale, self.shift = 1.0 / (255.0 * std), mean / std
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = x * self.scale if x.dtype == torch.float32 else x.to(torch.float32).mul_(self.scale)
-        return out.sub_(self.shift)
+        return (x.float() * self.scale).sub_(self.shift)
 
 
 @dataclass(frozen=True)
