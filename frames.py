@@ -11,10 +11,9 @@ saved with np.save (*.npy, fields x, y, p, t). Nothing is unpickled.
 
 Layout: train/ and test/ with the same class folders, or class folders only (CIFAR10-DVS has no
 official split). Then `test_share` of each class (rounded; at least one, never all) is held out:
-the files whose sha256(f"{seed}:{file name}") sorts first. So the split is the same on every
-rank, in every process, on resume, with any library version and any file system's listing order.
-Classes: the folder names, sorted; numerically if all are integers (DVS128 Gesture's 0..10;
-SpikingJelly's DatasetFolder sorts them as strings, so its label 2 is gesture 10).
+the files whose sha256(f"{seed}:{file name}") sorts first, the same split on every rank, process,
+resume, library version and file system. Classes: the folder names, sorted; numerically if all are
+integers (DVS128 Gesture's 0..10; SpikingJelly sorts them as strings, so its label 2 is gesture 10).
 """
 
 from __future__ import annotations
@@ -51,13 +50,11 @@ SUFFIXES = (".npz", ".npy")
 
 def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: int = 0,
                 sensor_size: tuple[int, int] | None = None) -> tuple[ArrayDataset, dict]:
-    """The frames under `root` (SpikingJelly's data set root, a frames folder or a folder of
-    events) as CPU tensors, and what was found: info keys T, size (H, W), classes, layout, source
-    ("frames"/"events"), folder, bytes (in memory), file_bytes (read), max_count and clipped:
-    the largest count, and how many counts were above 255 and clipped to fit uint8.
-    T: frames per sample; required for events, checked against frames files if given.
-    sensor_size: (H, W); for events, else the largest y and x of the whole set + 1 (two passes
-    over the files; the camera's may be larger); for frames, checked against the files."""
+    """The frames under `root` (SpikingJelly's data set root, a frames folder or a folder of events)
+    as CPU tensors, and info: T, size (H, W), classes, layout, source ("frames"/"events"), folder,
+    bytes (in memory), file_bytes (read), max_count, and clipped (counts above 255, clipped to uint8).
+    T: frames per sample; required for events, checked against frames files if given. sensor_size:
+    (H, W), checked against frames files; for events, else the largest y and x of the set + 1."""
     if (T is not None and int(T) < 1) or not 0 < test_share < 1:
         raise ValueError(f"load_frames needs T >= 1 and 0 < test_share < 1; got {T}, {test_share}")
     folder = find_folder(Path(root), T)
@@ -70,7 +67,7 @@ def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: in
                         f"number of frames to integrate each sample into (e.g. 10; see frames.RECIPES).")
     else:
         source, T0, (H, W) = "events", T, sensor_size or _largest_xy(files)
-        read = lambda path: _integrate_file(path, T, H, W)
+        read = lambda path: integrate_events(*_load(path, ("t", "x", "y", "p"), required=True).values(), T, H, W)
     want = (int(T or T0), 2, *(sensor_size or (H, W)))
     origin = f"T and sensor_size if passed, else as in {files[0]}"
     info = {"clipped": 0, "max_count": 0, "file_bytes": 0}
@@ -131,7 +128,7 @@ def scan(folder: Path, test_share: float, seed: int):
 
 
 def _load(path: Path, keys, required: bool = False) -> dict[str, np.ndarray]:
-    """The arrays `keys` of an .npz, or fields of a structured .npy: those present, or all."""
+    """The arrays `keys` of an .npz, or fields of a structured .npy, in that order: those present, or all."""
     try:
         z = np.load(path, allow_pickle=False)
         if isinstance(z, np.lib.npyio.NpzFile):
@@ -170,14 +167,6 @@ def _largest_xy(paths: list[Path]) -> tuple[int, int]:
     return H, W
 
 
-def _integrate_file(path: Path, T: int, H: int, W: int) -> np.ndarray:
-    ev = _load(path, ("t", "x", "y", "p"), required=True)
-    try:
-        return integrate_events(ev["t"], ev["x"], ev["y"], ev["p"], T, H, W)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from e
-
-
 def integrate_events(t, x, y, p, T: int, H: int, W: int) -> np.ndarray:
     """Events -> int64 frames [T, 2, H, W]: SpikingJelly's integrate_events_by_fixed_frames_number
     (events, 'number', T, H, W). The N events, in stored (time) order, go in runs of N // T to
@@ -202,7 +191,10 @@ def _stack(paths: list[Path], want: tuple, origin: str, read, info: dict) -> Ten
     """Every file's frames, checked against `want` and clipped into uint8 [N, *want]."""
     out = np.empty((len(paths), *want), dtype=np.uint8)
     for i, path in enumerate(paths):
-        a = read(path)
+        try:
+            a = read(path)
+        except ValueError as e:         # integrate_events' bad events
+            raise DataError(f"{path}: {e}") from e
         if a.shape != want:
             raise DataError(f"{path}: frames of shape {a.shape} [T, 2, H, W], expected {want} ({origin}): "
                             f"a set's files must agree; pass the T (and sensor size) they hold, or remove it.")
@@ -217,12 +209,9 @@ def resize_frames(x: Tensor, size: tuple[int, int]) -> Tensor:
     """uint8 counts [B, T, 2, H, W] -> float32 [B, T, 2, *size] on x's device, each pixel the mean
     count over the sensor pixels it covers (area interpolation: no event is dropped, as sampling
     every k-th pixel would)."""
-    B, T, C, H, W = x.shape
-    x = x.float()
-    if (H, W) == tuple(size):
-        return x
-    x = F.interpolate(x.view(B * T, C, H, W), size=tuple(size), mode="area")
-    return x.view(B, T, C, *size)
+    if x.shape[-2:] == tuple(size):
+        return x.float()
+    return F.interpolate(x.flatten(0, 1).float(), size=tuple(size), mode="area").unflatten(0, x.shape[:2])
 
 
 def augment_frames(x: Tensor, generator: torch.Generator | None, *, shift: int = 5, flip: bool = True) -> Tensor:
