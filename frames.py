@@ -79,8 +79,7 @@ def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: in
 
 
 def find_folder(root: Path, T: int | None) -> Path:
-    """The folder to read: root's frames_number_{T}_split_by_* folder (the only one if T is None),
-    else its events_np folder, else root itself."""
+    """root's frames_number_{T}_split_by_* folder (the only one if T is None), else events_np, else root."""
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass SpikingJelly's data set root, a "
                         f"frames_number_*_split_by_* folder or a folder of event files.")
@@ -100,10 +99,9 @@ def scan(folder: Path, test_share: float, seed: int):
     subfolders = lambda d: {p.name: p for p in d.iterdir() if p.is_dir()} if d.is_dir() else {}
     if (folder / "train").is_dir() or (folder / "test").is_dir():
         parts, layout = {s: subfolders(folder / s) for s in ("train", "test")}, "train/test"
-        for have, lack in ("train", "test"), ("test", "train"):
-            for name in sorted(set(parts[have]) - set(parts[lack]))[:1]:
-                raise DataError(f"{folder / lack / name} is missing: class {name} is in {have}/ "
-                                f"only; train/ and test/ need the same class folders.")
+        if missing := sorted(set(parts["train"]) ^ set(parts["test"])):
+            lack = "test" if missing[0] in parts["train"] else "train"
+            raise DataError(f"{folder / lack / missing[0]} is missing: train/ and test/ need the same class folders.")
     else:
         parts, layout = {"": subfolders(folder)}, f"classes only, {test_share:g} of each held out (seed {seed})"
     names = list(parts.values())[0]
@@ -148,12 +146,11 @@ def _load(path: Path, keys, required: bool = False) -> dict[str, np.ndarray]:
 def _read_frames(path: Path) -> np.ndarray:
     a = _load(path, ("frames",), required=True)["frames"]
     if a.ndim != 4 or a.shape[1] != 2:
-        raise DataError(f"{path}: frames of shape {a.shape}, expected [T, 2, H, W] (T frames, 2 "
-                        f"polarities): not a SpikingJelly frames file; remove it.")
+        raise DataError(f"{path}: frames of shape {a.shape}, expected [T, 2 polarities, H, W]: not a "
+                        f"SpikingJelly frames file; remove it.")
     if a.dtype.kind not in "iuf" or not np.isfinite(a).all() or (a < 0).any() or (a != np.round(a)).any():
-        raise DataError(f"{path}: frames must be event counts, whole numbers >= 0, as SpikingJelly "
-                        f"writes them; its {a.dtype} frames hold negative, fractional, NaN or infinite "
-                        f"values (normalised frames?). Write the counts again.")
+        raise DataError(f"{path}: its {a.dtype} frames hold negative, fractional, NaN or infinite values, "
+                        f"not the event counts SpikingJelly writes (normalised?); write the counts again.")
     return a
 
 
@@ -206,19 +203,16 @@ def _stack(paths: list[Path], want: tuple, origin: str, read, info: dict) -> Ten
 
 
 def resize_frames(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """uint8 counts [B, T, 2, H, W] -> float32 [B, T, 2, *size] on x's device, each pixel the mean
-    count over the sensor pixels it covers (area interpolation: no event is dropped, as sampling
-    every k-th pixel would)."""
+    """uint8 counts [B, T, 2, H, W] -> float32 [B, T, 2, *size] on x's device by area interpolation: each
+    pixel the mean count over the sensor pixels it covers (none dropped, as sampling would drop some)."""
     if x.shape[-2:] == tuple(size):
         return x.float()
     return F.interpolate(x.flatten(0, 1).float(), size=tuple(size), mode="area").unflatten(0, x.shape[:2])
 
 
 def augment_frames(x: Tensor, generator: torch.Generator | None, *, shift: int = 5, flip: bool = True) -> Tensor:
-    """A random translation by up to +-shift pixels (zero fill) and a random horizontal flip of a
-    batch x [B, T, 2, H, W], on x's device: the same for all T frames and both polarities of an
-    example, drawn per example from `generator` (resume restores its state: the same draws).
-    Zero fill, not TET's roll: a roll would move events across the border to where none were.
-    Apply after resizing (TET: +-5 px at 48x48)."""
+    """A random shift by up to +-shift pixels and horizontal flip of a batch x [B, T, 2, H, W] on x's
+    device, drawn per example from `generator`, the same for all its frames and polarities. Zero fill,
+    not TET's roll, which would move events across the border. Apply after resizing (TET: +-5 px at 48x48)."""
     B, T, C, H, W = x.shape
     return augment(x.reshape(B, T * C, H, W), generator, pad=shift, flip=flip).view(B, T, C, H, W)
