@@ -248,9 +248,8 @@ def augment_params(n: int, *, pad: int = 4, flip: bool = True, generator: torch.
 
 
 def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pad: int = 4) -> Tensor:
-    """Per example i: zero-pad x[i] by `pad` on every side, take the H x W window whose corner
-    is (top[i], left[i]) in the padded image, and mirror it left-right if flip[i]. x: [B, C, H, W]
-    of any dtype; top, left: [B] integers in [0, 2 pad]; flip: [B] bool. One gather, on x's device."""
+    """Per example i: the H x W window at (top[i], left[i]) of x[i] zero-padded by `pad`, mirrored if flip[i].
+    x: [B, C, H, W] of any dtype; top, left: [B] in [0, 2 pad]; flip: [B] bool. One gather, on x's device."""
     B, C, H, W = x.shape
     dev = x.device
     top, left, flip = top.to(dev), left.to(dev), flip.to(dev)
