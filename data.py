@@ -143,8 +143,7 @@ def load_mnist1d() -> ArrayDataset:
 
 @functools.lru_cache(maxsize=1)
 def _generate_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """By the optional `mnist1d` package, offline, with its default arguments (its network-first
-    `get_dataset` is not used); a set that differs from the published one warns."""
+    """By the optional `mnist1d` package, offline (not its network-first `get_dataset`); warns if not published."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:
@@ -388,8 +387,7 @@ def download_file(url: str, dest: Path, md5: str) -> None:
                 with urllib.request.urlopen(url, timeout=60) as response:
                     print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
                     shutil.copyfileobj(response, out, 1 << 20)
-            # no connection, a broken one, or a full disk (urllib's URLError is an OSError)
-            except (OSError, HTTPException, ValueError) as e:
+            except (OSError, HTTPException, ValueError) as e:     # offline, a broken connection, a full disk
                 raise DataError(f"could not download {url} to {dest} (stopped after {out.tell()} bytes): "
                                 f"{getattr(e, 'reason', None) or e}. This machine may be offline, the "
                                 f"server unreachable or {dest.parent} full; run again to retry.") from e
