@@ -6,9 +6,8 @@
         logits = model(norm(augment(x_train[idx])))   # crop + flip on the batch's device
 
 CIFAR-10/100 (official python versions), "synthetic" (`make_synthetic`): uint8 [N, 3, 32, 32];
-"mnist1d": float32 [N, 1, 40]; labels int64 [N], range-checked on load. Unpickling runs code,
-so only bytes that match the official MD5 (`SOURCES`) are unpickled; downloads and extractions
-are renamed into place only when complete.
+"mnist1d": float32 [N, 1, 40]; labels int64 [N], range-checked on load. Only bytes that match the
+official MD5 (`SOURCES`) are unpickled; downloads and extractions appear only once complete.
 """
 
 from __future__ import annotations
@@ -24,10 +23,10 @@ import tarfile
 import tempfile
 import urllib.request
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,23 +45,14 @@ class ChecksumError(DataError):
 
 
 def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
-    """DataError naming `source` and a label outside [0, num_classes). Every data set is checked
-    once, on load: the training loss does not check its targets on the device."""
+    """DataError naming `source` and a label outside [0, num_classes): the loss does not check on the device."""
     bad = ((labels < 0) | (labels >= num_classes)).nonzero().flatten()
     if len(bad):
         raise DataError(f"{source}: labels outside [0, {num_classes}), e.g. {int(labels[bad[0]])} at "
                         f"index {int(bad[0])} ({len(bad)} in all); a label is a class index.")
 
 
-class _Arrays(NamedTuple):
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-
-
-class ArrayDataset(_Arrays):
+class ArrayDataset(namedtuple("_Arrays", "x_train y_train x_test y_test num_classes")):
     """A whole data set in memory: inputs (uint8 images, or float signals) and int64 labels, whose
     range is checked whoever builds it; `source` names the set in the error."""
 
@@ -96,10 +86,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", *, download: b
     return load_mnist1d() if name == "mnist1d" else load_cifar(SOURCES[name], data_dir, download=download)
 
 
-# The published MNIST-1D set, fingerprinted. Floats computed by other numeric libraries differ
-# in the last bit (mnist1d 0.0.2.post1 with numpy 2.4 / scipy 1.17 generates signals within
-# 2.2e-16 of the published ones, labels equal), so no bitwise hash of the signals: labels are
-# hashed exactly, signals are compared through a few fixed projections within a tolerance.
+# The published MNIST-1D set, fingerprinted: other numeric libraries change the signals' last bits, so
+# labels are hashed exactly and signals compared through a few fixed projections within a tolerance.
 # Derived once from the published file, `mnist1d_data.pkl` at the root of the mnist1d
 # repository (github.com/greydanus/mnist1d; the file's SHA-256 is e95257676e9fb045...7dd6aa5):
 #     python -c "import pickle, data; print(data.mnist1d_fingerprint(pickle.load(open('mnist1d_data.pkl', 'rb'))))"
@@ -132,8 +120,7 @@ def mnist1d_fingerprint(d: dict) -> dict:
 
 
 def mnist1d_mismatch(d: dict) -> str | None:
-    """None if d is the published MNIST-1D set (labels exactly, signals within
-    MNIST1D_TOLERANCE per element), else what differs."""
+    """None if d is the published MNIST-1D set (up to MNIST1D_TOLERANCE), else what differs."""
     got = mnist1d_fingerprint(d)
     if got["labels"] != MNIST1D_PUBLISHED["labels"]:
         return "its labels differ from the published ones"
@@ -149,16 +136,14 @@ def mnist1d_mismatch(d: dict) -> str | None:
 
 
 def load_mnist1d() -> ArrayDataset:
-    """MNIST-1D (Greydanus, 2020): 10 classes of 1-D signals of length 40, 4000 train / 1000 test,
-    standardised: float32 [N, 1, 40]. Generated once per process; every call gets its own copy,
-    so that a caller changing its tensors in place does not change the next caller's."""
+    """MNIST-1D (Greydanus, 2020): 10 classes, 4000 train / 1000 test standardised signals, float32
+    [N, 1, 40]. Generated once per process; every call gets its own copy to change in place."""
     return ArrayDataset(*(t.clone() for t in _generate_mnist1d()), 10, source="mnist1d")
 
 
 @functools.lru_cache(maxsize=1)
 def _generate_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """By the optional `mnist1d` package, offline, with its default arguments (its network-first
-    `get_dataset` is not used); a set that differs from the published one warns."""
+    """By the optional `mnist1d` package, offline (not its network-first `get_dataset`); warns if not published."""
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:
@@ -173,22 +158,19 @@ def _generate_mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def make_synthetic(num_train: int = 10000, num_test: int = 2000, num_classes: int = 10, *,
-                   seed: int = 0, label_noise: float = 0.02) -> ArrayDataset:
+                   seed: int = 0) -> ArrayDataset:
     """A learnable, CIFAR-shaped data set whose examples differ in difficulty; needs no files.
 
-    Class k's template is a hue (a colour with no brightness; the classes' hues evenly spaced)
-    plus a periodic texture, half of it shared by all classes. An image blends its class's
-    template with another class's, mirrors and shifts it at random, scales it by a contrast,
-    adds a brightness and Gaussian pixel noise (the parameters below, drawn per example, so that
-    difficulty varies) and rounds to uint8. A fraction `label_noise` of the training labels moves
-    to another class; test labels stay clean. One seeded generator each for the templates, the
-    training and the test examples, so the test set does not depend on `num_train`."""
-    if num_train < 1 or num_test < 1 or num_classes < 2 or not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"make_synthetic needs num_train, num_test >= 1, num_classes >= 2 and label_noise "
-                         f"in [0, 1]; got {num_train}, {num_test}, {num_classes}, {label_noise}")
+    Class k's template: a hue plus a periodic texture, half of it shared by all classes. An image
+    blends its class's template with another's, mirrors and shifts it, and takes a contrast, a
+    brightness and pixel noise drawn per example (so difficulty varies). The test set has its own
+    generator: it does not depend on `num_train`."""
+    if num_train < 1 or num_test < 1 or num_classes < 2:
+        raise ValueError(f"make_synthetic needs num_train, num_test >= 1 and num_classes >= 2; "
+                         f"got {num_train}, {num_test}, {num_classes}")
     gen = lambda stream: torch.Generator().manual_seed(int(seed) % (2 ** 62) * 3 + stream)
     templates = _templates(num_classes, gen(0))
-    x_train, y_train = _sample(templates, num_train, gen(1), label_noise)
+    x_train, y_train = _sample(templates, num_train, gen(1), _LABEL_NOISE)
     x_test, y_test = _sample(templates, num_test, gen(2), 0.0)
     return ArrayDataset(x_train, y_train, x_test, y_test, num_classes, source="synthetic")
 
@@ -199,32 +181,31 @@ _BLEND = 0.45               # a ~ U(0, _BLEND): weight of the other class's temp
 _CONTRAST = (30.0, 150.0)   # A, log-uniform
 _SIGMA = (10.0, 80.0)       # pixel noise sd, log-uniform
 _BRIGHTNESS = (10.0, 3.0)   # +- range of the grey level, and of each channel on top of it
+_LABEL_NOISE = 0.02         # share of training labels moved to another class; test labels stay clean
 _CHUNK = 1024               # examples generated at once: they stay in the CPU cache
 
 
 def _templates(k: int, g: torch.Generator) -> Tensor:
-    """[k, 2 (plain, mirrored), 3, 32 * 32] class templates of unit RMS."""
+    """[2 k, 3, 32 * 32] class templates of unit RMS: class c's plain at 2 c, mirrored at 2 c + 1."""
     radius = (torch.fft.fftfreq(32, 1 / 32).view(32, 1) ** 2 + torch.fft.rfftfreq(32, 1 / 32) ** 2).sqrt()
     band = ((radius >= 2) & (radius <= 5)).to(torch.float32)
+    unit_rms = lambda t: t / t.flatten(1).std(dim=1).view(-1, 1, 1, 1)
 
     def texture(m: int) -> Tensor:
-        spectrum = torch.complex(torch.randn(m, 3, 32, 17, generator=g),
-                                 torch.randn(m, 3, 32, 17, generator=g)) * band
-        t = torch.fft.irfft2(spectrum, s=(32, 32))
-        return t / t.flatten(1).std(dim=1).view(m, 1, 1, 1)
+        spectrum = torch.complex(torch.randn(m, 3, 32, 17, generator=g), torch.randn(m, 3, 32, 17, generator=g))
+        return unit_rms(torch.fft.irfft2(spectrum * band, s=(32, 32)))
 
-    t = math.sqrt(_SHARED) * texture(1) + math.sqrt(1.0 - _SHARED) * texture(k)
-    t = t / t.flatten(1).std(dim=1).view(k, 1, 1, 1)
+    t = unit_rms(math.sqrt(_SHARED) * texture(1) + math.sqrt(1.0 - _SHARED) * texture(k))
     hue = 2 * math.pi * (torch.randperm(k, generator=g) / k + torch.rand(1, generator=g))
     e1 = torch.tensor([1.0, -1.0, 0.0]) / math.sqrt(2)
     e2 = torch.tensor([1.0, 1.0, -2.0]) / math.sqrt(6)
     u = (hue.cos()[:, None] * e1 + hue.sin()[:, None] * e2) * math.sqrt(3)  # RMS 1 per pixel
     t = math.sqrt(1.0 - _COLOUR ** 2) * t + _COLOUR * u.view(k, 3, 1, 1)
-    return torch.stack([t, t.flip(-1)], dim=1).reshape(k, 2, 3, 32 * 32)
+    return torch.stack([t, t.flip(-1)], dim=1).reshape(2 * k, 3, 32 * 32)
 
 
-def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -> tuple[Tensor, Tensor]:
-    k = templates.shape[0]
+def _sample(bank: Tensor, n: int, g: torch.Generator, label_noise: float) -> tuple[Tensor, Tensor]:
+    k = len(bank) // 2
     y = torch.randperm(n, generator=g) % k
     other = (y + torch.randint(1, k, (n,), generator=g)) % k
     blend = _BLEND * torch.rand(n, generator=g)
@@ -237,7 +218,6 @@ def _sample(templates: Tensor, n: int, g: torch.Generator, label_noise: float) -
     dy, dx = torch.randint(0, 32, (2, n, 1), generator=g)
     r = torch.arange(32)
     pixel = (((r + dy) % 32).view(n, 32, 1) * 32 + ((r + dx) % 32).view(n, 1, 32)).view(n, 1, 1024)
-    bank = templates.reshape(k * 2, 3, 1024)
     x = torch.empty(n, 3, 1024, dtype=torch.uint8)
     for i in range(0, n, _CHUNK):
         j = slice(i, i + _CHUNK)
@@ -267,9 +247,8 @@ def augment_params(n: int, *, pad: int = 4, flip: bool = True, generator: torch.
 
 
 def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pad: int = 4) -> Tensor:
-    """Per example i: zero-pad x[i] by `pad` on every side, take the H x W window whose corner
-    is (top[i], left[i]) in the padded image, and mirror it left-right if flip[i]. x: [B, C, H, W]
-    of any dtype; top, left: [B] integers in [0, 2 pad]; flip: [B] bool. One gather, on x's device."""
+    """Per example i: the H x W window at (top[i], left[i]) of x[i] zero-padded by `pad`, mirrored if flip[i].
+    x: [B, C, H, W] of any dtype; top, left: [B] in [0, 2 pad]; flip: [B] bool. One gather, on x's device."""
     B, C, H, W = x.shape
     dev = x.device
     top, left, flip = top.to(dev), left.to(dev), flip.to(dev)
@@ -284,9 +263,8 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, *, pad: int = 
 
 def augment(x: Tensor, generator: torch.Generator | None = None, *, pad: int = 4,
             flip: bool = True) -> Tensor:
-    """Random crop after zero padding by `pad`, and random horizontal flip: the usual CIFAR
-    augmentation of the SNN literature, on a whole batch x [B, C, H, W] (uint8 or float) at once,
-    on x's device. Reproducible with a seeded `generator` (on x's device or the CPU)."""
+    """Random crop after zero padding by `pad` and random horizontal flip, the usual CIFAR augmentation,
+    of a batch x [B, C, H, W] on x's device; reproducible with a seeded `generator` (x's device or CPU)."""
     top, left, flips = augment_params(len(x), pad=pad, flip=flip, generator=generator, device=x.device)
     return crop_flip(x, top, left, flips, pad=pad)
 
@@ -309,8 +287,7 @@ class Normalizer:
         self.scale, self.shift = 1.0 / (255.0 * std), mean / std
 
     def __call__(self, x: Tensor) -> Tensor:
-        out = x * self.scale if x.dtype == torch.float32 else x.to(torch.float32).mul_(self.scale)
-        return out.sub_(self.shift)
+        return (x.float() * self.scale).sub_(self.shift)
 
 
 @dataclass(frozen=True)
@@ -351,7 +328,11 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     """Load CIFAR from `<data_dir>/<source.folder>`; if absent, from the archive (placed by hand,
     or downloaded when `download`), MD5-checked, then extracted. Every file is MD5-checked."""
     data_dir = Path(data_dir)
-    folder, archive, by_hand = data_dir / source.folder, data_dir / source.archive, _by_hand(source, data_dir)
+    folder, archive = data_dir / source.folder, data_dir / source.archive
+    by_hand = (f"To set up {source.name} by hand, download\n    {source.url}\non a machine with internet "
+               f"access and copy it unchanged to\n    {archive}    (MD5 {source.archive_md5})\n"
+               f"or extract it so that {folder}/ holds {', '.join(n for n, _ in source.files)}; "
+               f"then run again. The synthetic data set needs no files.")
     if not folder.is_dir():
         if not (download or archive.is_file()):
             raise DataError(f"{source.name} is not in {data_dir} and download=False.\n{by_hand}")
@@ -375,20 +356,13 @@ def load_cifar(source: Source, data_dir: str | os.PathLike, *, download: bool = 
     return ArrayDataset(*splits, source.num_classes, source=str(folder))
 
 
-def _by_hand(source: Source, data_dir: Path) -> str:
-    return (f"To set up {source.name} by hand, download\n    {source.url}\non a machine with internet "
-            f"access and copy it unchanged to\n    {data_dir / source.archive}    (MD5 {source.archive_md5})\n"
-            f"or extract it so that {data_dir / source.folder}/ holds {', '.join(n for n, _ in source.files)}; "
-            f"then run again. The synthetic data set needs no files.")
-
-
 def _check_md5(actual: str, md5: str, what, advice: str) -> None:
     if actual != md5:
         raise ChecksumError(f"{what}: MD5 {actual} differs from the official {md5}; {advice}")
 
 
 def _read_batch(path: Path, md5: str, source: Source, by_hand: str) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file: MD5-check its bytes, then unpickle those same bytes and decode them."""
+    """One batch file's images and labels, unpickled from the very bytes whose MD5 was checked."""
     redo = f"Delete the folder {path.parent} and run again to extract it afresh (downloaded if absent)"
     try:
         raw = path.read_bytes()
@@ -396,57 +370,50 @@ def _read_batch(path: Path, md5: str, source: Source, by_hand: str) -> tuple[np.
         raise DataError(f"{path} is missing: its folder is incomplete. {redo}.\n{by_hand}") from None
     _check_md5(hashlib.md5(raw).hexdigest(), md5, path, f"the file was not loaded (a damaged, partial "
                f"or altered copy). {redo}, or place the official {source.archive} there by hand.")
-    # The only unpickling in this module, of verified bytes. latin1 decodes the Python 2
-    # strings of the official files (keys become str; files written by Python 3 keep bytes).
-    entry = pickle.loads(raw, encoding="latin1")
-    field = lambda key: entry[key] if key in entry else entry[key.encode()]
-    x, y = np.asarray(field("data"), dtype=np.uint8), np.asarray(field(source.label_key), dtype=np.int64)
+    entry = pickle.loads(raw, encoding="bytes")     # as the data sets' page reads them: bytes keys
     # Each row is 1024 red, then 1024 green, then 1024 blue values, each plane row-major.
-    return np.ascontiguousarray(x.reshape(-1, 3, 32, 32)), y
+    x = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(entry[source.label_key.encode()], dtype=np.int64)
 
 
-def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float = 60.0) -> Path:
-    """Download `url` to `dest`, which appears only once the MD5 matches: the bytes stream into a
-    temporary file next to `dest` (the rename is atomic), removed on any failure or interruption.
-    Raises DataError when the download fails, ChecksumError when the MD5 differs."""
-    dest = Path(dest)
+def download_file(url: str, dest: Path, md5: str) -> None:
+    """Download `url` to `dest` through a temporary file beside it, renamed into place (atomically)
+    once its MD5 matches and removed on any failure or interruption."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    digest = hashlib.md5()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "w+b") as out:
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
+                with urllib.request.urlopen(url, timeout=60) as response:
                     print(f"downloading {url} to {dest}", file=sys.stderr, flush=True)
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
-            # no connection, a broken one, or a full disk (urllib's URLError is an OSError)
-            except (OSError, HTTPException, ValueError) as e:
+                    shutil.copyfileobj(response, out, 1 << 20)
+            except (OSError, HTTPException, ValueError) as e:     # offline, a broken connection, a full disk
                 raise DataError(f"could not download {url} to {dest} (stopped after {out.tell()} bytes): "
                                 f"{getattr(e, 'reason', None) or e}. This machine may be offline, the "
                                 f"server unreachable or {dest.parent} full; run again to retry.") from e
-        _check_md5(digest.hexdigest(), md5, f"the file downloaded from {url}", "it was discarded. Run "
-                   "again to retry (a proxy or captive portal may have altered it).")
+            out.seek(0)
+            _check_md5(hashlib.file_digest(out, "md5").hexdigest(), md5, f"the file downloaded from {url}",
+                       "it was discarded. Run again to retry (a proxy or captive portal may have altered it).")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return dest
 
 
-def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, folder: str) -> Path:
-    """Extract the top-level `folder` of a .tar.gz into `data_dir`, atomically: only plain files
-    and folders (a link, device, absolute path or `..` is refused), into a temporary folder that
-    is renamed to `<data_dir>/<folder>` once complete and removed on failure."""
-    archive, data_dir = Path(archive), Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+def extract_archive(archive: Path, data_dir: Path, folder: str) -> None:
+    """Extract the top-level `folder` of a .tar.gz into `data_dir` through a temporary folder, renamed
+    into place once complete and removed on failure. Only plain files and folders are extracted."""
     tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{folder}.", suffix=".extract"))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar:
-                target = tmp.joinpath(*_safe_parts(member, archive))
+                name, parts = member.name, [p for p in member.name.split("/") if p not in ("", ".")]
+                if (not (member.isdir() or member.isfile()) or name.startswith(("/", "\\")) or "\\" in name
+                        or name[1:2] == ":" or ".." in parts):
+                    raise DataError(f"{archive}: member {name!r} is a link, a special file or a path outside "
+                                    f"the archive's folder; refusing to extract this archive")
                 if member.isfile():             # its folders are made for it
+                    target = tmp.joinpath(*parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(member) as src, open(target, "wb") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
@@ -461,15 +428,3 @@ def extract_archive(archive: str | os.PathLike, data_dir: str | os.PathLike, fol
         raise DataError(f"could not extract {archive}: {e}. Delete it and run again.") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return data_dir / folder
-
-
-def _safe_parts(member: tarfile.TarInfo, archive: Path) -> list[str]:
-    name, parts = member.name, [p for p in member.name.split("/") if p not in ("", ".")]
-    if not (member.isdir() or member.isfile()):
-        raise DataError(f"{archive}: member {name!r} is a link or special file; refusing to extract "
-                        f"this archive")
-    if name.startswith(("/", "\\")) or "\\" in name or name[1:2] == ":" or ".." in parts:
-        raise DataError(f"{archive}: member {name!r} has an absolute path or points outside the "
-                        f"archive's folder; refusing to extract")
-    return parts

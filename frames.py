@@ -11,10 +11,9 @@ saved with np.save (*.npy, fields x, y, p, t). Nothing is unpickled.
 
 Layout: train/ and test/ with the same class folders, or class folders only (CIFAR10-DVS has no
 official split). Then `test_share` of each class (rounded; at least one, never all) is held out:
-the files whose sha256(f"{seed}:{file name}") sorts first. So the split is the same on every
-rank, in every process, on resume, with any library version and any file system's listing order.
-Classes: the folder names, sorted; numerically if all are integers (DVS128 Gesture's 0..10;
-SpikingJelly's DatasetFolder sorts them as strings, so its label 2 is gesture 10).
+the files whose sha256(f"{seed}:{file name}") sorts first, the same split on every rank, process,
+resume, library version and file system. Classes: the folder names, sorted; numerically if all are
+integers (DVS128 Gesture's 0..10; SpikingJelly sorts them as strings, so its label 2 is gesture 10).
 """
 
 from __future__ import annotations
@@ -51,13 +50,11 @@ SUFFIXES = (".npz", ".npy")
 
 def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: int = 0,
                 sensor_size: tuple[int, int] | None = None) -> tuple[ArrayDataset, dict]:
-    """The frames under `root` (SpikingJelly's data set root, a frames folder or a folder of
-    events) as CPU tensors, and what was found: info keys T, size (H, W), classes, layout, source
-    ("frames"/"events"), folder, bytes (in memory), file_bytes (read), max_count and clipped:
-    the largest count, and how many counts were above 255 and clipped to fit uint8.
-    T: frames per sample; required for events, checked against frames files if given.
-    sensor_size: (H, W); for events, else the largest y and x of the whole set + 1 (two passes
-    over the files; the camera's may be larger); for frames, checked against the files."""
+    """The frames under `root` (SpikingJelly's data set root, a frames folder or a folder of events)
+    as CPU tensors, and info: T, size (H, W), classes, layout, source ("frames"/"events"), folder,
+    bytes (in memory), file_bytes (read), max_count, and clipped (counts above 255, clipped to uint8).
+    T: frames per sample; required for events, checked against frames files if given. sensor_size:
+    (H, W), checked against frames files; for events, else the largest y and x of the set + 1."""
     if (T is not None and int(T) < 1) or not 0 < test_share < 1:
         raise ValueError(f"load_frames needs T >= 1 and 0 < test_share < 1; got {T}, {test_share}")
     folder = find_folder(Path(root), T)
@@ -70,7 +67,7 @@ def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: in
                         f"number of frames to integrate each sample into (e.g. 10; see frames.RECIPES).")
     else:
         source, T0, (H, W) = "events", T, sensor_size or _largest_xy(files)
-        read = lambda path: _integrate_file(path, T, H, W)
+        read = lambda path: integrate_events(*_load(path, ("t", "x", "y", "p"), required=True).values(), T, H, W)
     want = (int(T or T0), 2, *(sensor_size or (H, W)))
     origin = f"T and sensor_size if passed, else as in {files[0]}"
     info = {"clipped": 0, "max_count": 0, "file_bytes": 0}
@@ -82,8 +79,7 @@ def load_frames(root, T: int | None = None, *, test_share: float = 0.1, seed: in
 
 
 def find_folder(root: Path, T: int | None) -> Path:
-    """The folder to read: root's frames_number_{T}_split_by_* folder (the only one if T is None),
-    else its events_np folder, else root itself."""
+    """root's frames_number_{T}_split_by_* folder (the only one if T is None), else events_np, else root."""
     if not root.is_dir():
         raise DataError(f"{root} is not a folder: pass SpikingJelly's data set root, a "
                         f"frames_number_*_split_by_* folder or a folder of event files.")
@@ -103,10 +99,9 @@ def scan(folder: Path, test_share: float, seed: int):
     subfolders = lambda d: {p.name: p for p in d.iterdir() if p.is_dir()} if d.is_dir() else {}
     if (folder / "train").is_dir() or (folder / "test").is_dir():
         parts, layout = {s: subfolders(folder / s) for s in ("train", "test")}, "train/test"
-        for have, lack in ("train", "test"), ("test", "train"):
-            for name in sorted(set(parts[have]) - set(parts[lack]))[:1]:
-                raise DataError(f"{folder / lack / name} is missing: class {name} is in {have}/ "
-                                f"only; train/ and test/ need the same class folders.")
+        if missing := sorted(set(parts["train"]) ^ set(parts["test"])):
+            lack = "test" if missing[0] in parts["train"] else "train"
+            raise DataError(f"{folder / lack / missing[0]} is missing: train/ and test/ need the same class folders.")
     else:
         parts, layout = {"": subfolders(folder)}, f"classes only, {test_share:g} of each held out (seed {seed})"
     names = list(parts.values())[0]
@@ -131,7 +126,7 @@ def scan(folder: Path, test_share: float, seed: int):
 
 
 def _load(path: Path, keys, required: bool = False) -> dict[str, np.ndarray]:
-    """The arrays `keys` of an .npz, or fields of a structured .npy: those present, or all."""
+    """The arrays `keys` of an .npz, or fields of a structured .npy, in that order: those present, or all."""
     try:
         z = np.load(path, allow_pickle=False)
         if isinstance(z, np.lib.npyio.NpzFile):
@@ -151,12 +146,11 @@ def _load(path: Path, keys, required: bool = False) -> dict[str, np.ndarray]:
 def _read_frames(path: Path) -> np.ndarray:
     a = _load(path, ("frames",), required=True)["frames"]
     if a.ndim != 4 or a.shape[1] != 2:
-        raise DataError(f"{path}: frames of shape {a.shape}, expected [T, 2, H, W] (T frames, 2 "
-                        f"polarities): not a SpikingJelly frames file; remove it.")
+        raise DataError(f"{path}: frames of shape {a.shape}, expected [T, 2 polarities, H, W]: not a "
+                        f"SpikingJelly frames file; remove it.")
     if a.dtype.kind not in "iuf" or not np.isfinite(a).all() or (a < 0).any() or (a != np.round(a)).any():
-        raise DataError(f"{path}: frames must be event counts, whole numbers >= 0, as SpikingJelly "
-                        f"writes them; its {a.dtype} frames hold negative, fractional, NaN or infinite "
-                        f"values (normalised frames?). Write the counts again.")
+        raise DataError(f"{path}: its {a.dtype} frames hold negative, fractional, NaN or infinite values, "
+                        f"not the event counts SpikingJelly writes (normalised?); write the counts again.")
     return a
 
 
@@ -168,14 +162,6 @@ def _largest_xy(paths: list[Path]) -> tuple[int, int]:
         if ev["x"].size and ev["y"].size:
             H, W = max(H, int(ev["y"].max()) + 1), max(W, int(ev["x"].max()) + 1)
     return H, W
-
-
-def _integrate_file(path: Path, T: int, H: int, W: int) -> np.ndarray:
-    ev = _load(path, ("t", "x", "y", "p"), required=True)
-    try:
-        return integrate_events(ev["t"], ev["x"], ev["y"], ev["p"], T, H, W)
-    except ValueError as e:
-        raise DataError(f"{path}: {e}") from e
 
 
 def integrate_events(t, x, y, p, T: int, H: int, W: int) -> np.ndarray:
@@ -202,7 +188,10 @@ def _stack(paths: list[Path], want: tuple, origin: str, read, info: dict) -> Ten
     """Every file's frames, checked against `want` and clipped into uint8 [N, *want]."""
     out = np.empty((len(paths), *want), dtype=np.uint8)
     for i, path in enumerate(paths):
-        a = read(path)
+        try:
+            a = read(path)
+        except ValueError as e:         # integrate_events' bad events
+            raise DataError(f"{path}: {e}") from e
         if a.shape != want:
             raise DataError(f"{path}: frames of shape {a.shape} [T, 2, H, W], expected {want} ({origin}): "
                             f"a set's files must agree; pass the T (and sensor size) they hold, or remove it.")
@@ -214,22 +203,16 @@ def _stack(paths: list[Path], want: tuple, origin: str, read, info: dict) -> Ten
 
 
 def resize_frames(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """uint8 counts [B, T, 2, H, W] -> float32 [B, T, 2, *size] on x's device, each pixel the mean
-    count over the sensor pixels it covers (area interpolation: no event is dropped, as sampling
-    every k-th pixel would)."""
-    B, T, C, H, W = x.shape
-    x = x.float()
-    if (H, W) == tuple(size):
-        return x
-    x = F.interpolate(x.view(B * T, C, H, W), size=tuple(size), mode="area")
-    return x.view(B, T, C, *size)
+    """uint8 counts [B, T, 2, H, W] -> float32 [B, T, 2, *size] on x's device by area interpolation: each
+    pixel the mean count over the sensor pixels it covers (none dropped, as sampling would drop some)."""
+    if x.shape[-2:] == tuple(size):
+        return x.float()
+    return F.interpolate(x.flatten(0, 1).float(), size=tuple(size), mode="area").unflatten(0, x.shape[:2])
 
 
 def augment_frames(x: Tensor, generator: torch.Generator | None, *, shift: int = 5, flip: bool = True) -> Tensor:
-    """A random translation by up to +-shift pixels (zero fill) and a random horizontal flip of a
-    batch x [B, T, 2, H, W], on x's device: the same for all T frames and both polarities of an
-    example, drawn per example from `generator` (resume restores its state: the same draws).
-    Zero fill, not TET's roll: a roll would move events across the border to where none were.
-    Apply after resizing (TET: +-5 px at 48x48)."""
+    """A random shift by up to +-shift pixels and horizontal flip of a batch x [B, T, 2, H, W] on x's
+    device, drawn per example from `generator`, the same for all its frames and polarities. Zero fill,
+    not TET's roll, which would move events across the border. Apply after resizing (TET: +-5 px at 48x48)."""
     B, T, C, H, W = x.shape
     return augment(x.reshape(B, T * C, H, W), generator, pad=shift, flip=flip).view(B, T, C, H, W)
