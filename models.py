@@ -2,21 +2,16 @@
 the networks of build_model(): a spiking ResNet-19 (CIFAR), the ImageNet ResNet-34s (plain
 spiking and SEW), a spiking VGG-11 and its small "convnet", and a 1-D ConvNet for MNIST-1D.
 
-Activations are time-first, [T, B, ...], as in SpikingJelly's multi-step mode. Only the neuron
-loops over T; stateless layers (conv, BN, pooling) run once on the merged [T*B, ...] tensor.
-A network takes either a static input [B, C, H, W], which the first conv + BN encode once for
-every step (direct encoding), or one input per step [B, T, C, H, W] (event-camera frames).
-It returns per-timestep logits [T, B, num_classes] (for per-timestep losses such as TET's), and
-its last layer, `model.classifier`, is an nn.Linear on [T, B, D] whose non-negative input
-(spikes, their spatial mean, or SEW's sums of spikes) spike-aware data pruning reads with a hook.
+Activations are time-first, [T, B, ...]. Only the neuron loops over T; stateless layers (conv, BN,
+pooling) run once on the merged [T*B, ...] tensor. A network takes a static input [B, C, H, W],
+encoded once by the first conv + BN for every step (direct encoding), or one input per step
+[B, T, C, H, W] (event-camera frames). It returns per-timestep logits [T, B, num_classes]; its last
+layer, `model.classifier`, is an nn.Linear whose non-negative input spike-aware pruning hooks.
 
     model = build_model("resnet19", num_classes=10, T=4)     # compiles on the first forward
     logits = model(images)                                   # [4, B, 10]
     loss = F.cross_entropy(logits.mean(0), labels)
     rate = model.spike_rate()                                # 0-dim tensor, no host sync
-
-The LIF timestep loop, `lif_steps`, runs through torch.compile, one compiled callable shared by
-every LIF layer; compile=False, or set_compile(model, False), runs it eagerly.
 """
 
 from __future__ import annotations
@@ -31,10 +26,8 @@ from torch import Tensor, nn
 # -- Spikes with surrogate gradients ----------------------------------------------------------
 # Forward: the Heaviside step H(x) = 1[x >= 0] (as in SpikingJelly, a neuron exactly at threshold
 # fires). Backward: the derivative of a smooth primitive g_alpha instead. Each Function is written
-# for alpha = 1 and receives u = alpha * x; the chain rule through that product supplies the
-# factor alpha: d/dx g_1(alpha x) = g_alpha'(x). Not the "detach trick" H + (g - g.detach()),
-# which computes the surrogate in the forward pass too. And alpha stays out of the Function: a
-# backward reading a Python float from ctx crashed dynamo once that float became symbolic.
+# for alpha = 1 and receives u = alpha * x, so the chain rule supplies the factor alpha. alpha stays
+# out of the Function: dynamo cannot trace a backward that reads a symbolic float from ctx.
 
 class _Spike(torch.autograd.Function):
     """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
@@ -97,10 +90,9 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
         charge:  v <- v + (x_t - (v - v_reset)) / tau
         fire:    s_t = H(v - v_threshold)
         reset:   v <- v * (1 - s_t) + v_reset * s_t
-    Gradients flow through time (BPTT), and through the reset unless detach_reset.
-    The membrane v is float32 even for bfloat16/float16 x (autocast): in bf16 (steps of 1/128
-    near the threshold 1.0) roundings would flip spikes, and with a hard reset a flipped spike
-    changes all later steps. Spikes come back in x's dtype.
+    Gradients flow through time (BPTT), and through the reset unless detach_reset. The membrane v
+    is float32 even for bf16/fp16 x (autocast): a rounded v would flip spikes near the threshold,
+    and with a hard reset a flipped spike changes all later steps. Spikes come back in x's dtype.
     """
     v_dtype = torch.promote_types(x.dtype, torch.float32)
     v = torch.full_like(x[0], v_reset, dtype=v_dtype)
@@ -116,9 +108,8 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
 
 @functools.cache
 def _compiled_lif_steps():
-    """The one compiled lif_steps that all LIF layers share. The neuron axis is marked dynamic
-    (LIF.forward), so layers of any width and batches of any size share a graph. Not dynamic=True:
-    it makes the float arguments symbolic too, and tracing the surrogate's Function then crashed."""
+    """The one compiled lif_steps all LIF layers share. Not dynamic=True, which would make the float
+    arguments symbolic too; LIF.forward marks only the neuron axis dynamic."""
     return torch.compile(lif_steps)
 
 
@@ -263,15 +254,14 @@ class BasicBlock(nn.Module):
 
 class SEWBlock(BasicBlock):
     """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021): BasicBlock's layers
-    with the sum after the second LIF. The shortcut is the identity, or 1x1 conv + BN + LIF where
-    the shape changes (both addends are spikes, as in SEW's downsample path). So the output is
-    NOT binary but a sum of spikes: an integer up to i + 2 at the i-th block (from 0) of a stage."""
+    with the sum after the second LIF, and a LIF after a 1x1 conv + BN shortcut (both addends are
+    spikes, as in SEW's downsample path). The output is a sum of spikes, not binary: an integer up
+    to i + 2 at the i-th block (from 0) of a stage."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
         super().__init__(c_in, c_out, stride, neuron)
         if not isinstance(self.shortcut, nn.Identity):
-            # The LIF runs on [T, B, ...], so it goes after the MultiStep, not inside it.
-            self.shortcut = nn.Sequential(self.shortcut, LIF(**neuron))
+            self.shortcut = nn.Sequential(self.shortcut, LIF(**neuron))   # on [T, B, ...]: after MultiStep
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lif2(self.conv2(self.lif1(self.conv1(x)))) + self.shortcut(x)
@@ -323,27 +313,29 @@ class SpikingResNet19(SpikingNet):
         return self.classifier(x)                   # [T, B, num_classes]
 
 
-class _ImageNetResNet(SpikingNet):
-    """The ImageNet ResNet layout of SpikingResNet and SEWResNet, which set `block`:
+class ImageNetResNet(SpikingNet):
+    """The ImageNet ResNet-34 with spiking blocks: BasicBlock for the spiking ResNet-34 of tdBN and
+    TET (torchvision's with every ReLU a LIF), SEWBlock for SEW-ResNet-34 with ADD (Fang et al.,
+    NeurIPS 2021; not SEW's AND and IAND):
         7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2                     [T, B, 64, H/4, W/4]
         blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2                  [T, B, 512, H/32, W/32]
         global average pool, classifier nn.Linear(512, num_classes)    [T, B, num_classes]
     `stages` takes another depth in RESNET34_STAGES's format, e.g. ((64, 2, 1), (128, 2, 2),
-    (256, 2, 2), (512, 2, 2)) for ResNet-18. Unlike SEW's code: the project's LIF, not the IF
-    neuron with detached reset; no zero-init of each block's last BN; per-timestep logits, whose
-    mean over T is what SEW's code returns (it applies the affine FC to the mean)."""
-
-    block: type[BasicBlock] = BasicBlock
+    (256, 2, 2), (512, 2, 2)) for ResNet-18. `classifier` reads the spatial mean of the last
+    blocks' outputs: fractions of spikes in [0, 1] for BasicBlock; for SEW non-negative, as
+    spike-aware pruning's bounds need, but not in [0, 1], so ||h_t||^2 is no spike count there.
+    Unlike SEW's code: the project's LIF, not the IF neuron with detached reset; no zero-init of
+    each block's last BN; per-timestep logits, whose mean over T is what SEW's code returns."""
 
     def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, stages=RESNET34_STAGES,
-                 compile: bool = True, **neuron):
+                 block: type[BasicBlock] = BasicBlock, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
         if not stages or any(len(s) != 3 or s[1] < 1 for s in stages):
             raise ValueError(f"stages must be (width, blocks >= 1, stride) triples; got {stages}.")
         self.stem = nn.Sequential(*conv_bn(in_channels, 64, 7, 2))
         self.lif0 = LIF(**self.neuron)
         self.pool = MultiStep(nn.MaxPool2d(3, 2, padding=1))   # max of spikes: still binary
-        self.blocks = residual_stages(self.block, 64, stages, self.neuron)
+        self.blocks = residual_stages(block, 64, stages, self.neuron)
         self.classifier = nn.Linear(stages[-1][0], num_classes)
         self.init_weights()
 
@@ -351,23 +343,6 @@ class _ImageNetResNet(SpikingNet):
         x = self.pool(self.lif0(self.encode(x, self.stem)))   # [T, B, 64, H/4, W/4] spikes
         x = self.blocks(x)                                     # [T, B, 512, H/32, W/32]
         return self.classifier(x.mean(dim=(-2, -1)))           # [T, B, num_classes]
-
-
-class SpikingResNet(_ImageNetResNet):
-    """Spiking ResNet-34: torchvision's ResNet-34 with every ReLU a LIF, as tdBN and TET report on
-    ImageNet (SpikingJelly's spiking_resnet34). `classifier` reads the spatial mean of binary
-    spikes, in [0, 1] (binary when the last map is 1x1)."""
-
-    block = BasicBlock
-
-
-class SEWResNet(_ImageNetResNet):
-    """SEW-ResNet-34 with ADD (Fang et al., "Deep Residual Learning in Spiking Neural Networks",
-    NeurIPS 2021): the ResNet-34 layout with SEWBlocks, whose outputs are sums of spikes.
-    `classifier` reads their spatial mean: non-negative, as spike-aware pruning's bounds need,
-    but not in [0, 1], so ||h_t||^2 is no spike count here. Only ADD, not SEW's AND and IAND."""
-
-    block = SEWBlock
 
 
 # VGG-11 (configuration "A" of Simonyan & Zisserman): channels, "M" = 2x2 max pool.
@@ -435,8 +410,8 @@ _BUILDERS = {
     "vgg11": SpikingVGG,
     "convnet": functools.partial(SpikingVGG, cfg=CONVNET),
     "conv1d": SpikingConv1d,
-    "spiking_resnet34": SpikingResNet,
-    "sew_resnet34": SEWResNet,
+    "spiking_resnet34": ImageNetResNet,
+    "sew_resnet34": functools.partial(ImageNetResNet, block=SEWBlock),
 }
 MODELS = tuple(_BUILDERS)
 
@@ -453,15 +428,12 @@ def build_model(name: str, num_classes: int, T: int = 4, in_channels: int | None
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
 
 
-# (kernel, padding) of each stride-2 layer of the image networks, from input to output: the
-# stride-2 block convs (3x3), the VGGs' 2x2 pools, the ResNet-34s' stem conv and max pool
-_HALVINGS = {
-    "resnet19": [(3, 1)] * sum(stride == 2 for *_, stride in RESNET19_STAGES),
-    "vgg11": [(2, 0)] * VGG11.count("M"),
-    "convnet": [(2, 0)] * CONVNET.count("M"),
-    "spiking_resnet34": [(7, 3), (3, 1)] + [(3, 1)] * sum(s == 2 for *_, s in RESNET34_STAGES),
-}
-_HALVINGS["sew_resnet34"] = _HALVINGS["spiking_resnet34"]
+# The stride-2 layers of each image network. The VGGs' 2x2 max pools make n // 2 pixels of n; the
+# ResNets' padded stride-2 convs (and ResNet-34's stem conv and 3x3 max pool) make ceil(n / 2).
+_POOLS = {"vgg11": VGG11.count("M"), "convnet": CONVNET.count("M")}
+_STRIDED = {"resnet19": sum(stride == 2 for *_, stride in RESNET19_STAGES),
+            "spiking_resnet34": 2 + sum(stride == 2 for *_, stride in RESNET34_STAGES)}
+_STRIDED["sew_resnet34"] = _STRIDED["spiking_resnet34"]
 
 
 def min_image_size(name: str) -> int:
@@ -469,11 +441,10 @@ def min_image_size(name: str) -> int:
     `name` takes: each of its stride-2 layers (pools, strided convs) then halves a map of at least
     2 pixels. One pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run
     a strided conv on a 1x1 map, where its kernel sees only padding but for the centre."""
-    if name not in _HALVINGS:
-        raise ValueError(f"{name!r} takes no images; the image networks are {', '.join(_HALVINGS)}.")
-    # From n pixels a stride-2 layer makes (n + 2 padding - kernel) // 2 + 1, so m pixels out need
-    # n >= 2 (m - 1) + kernel - 2 padding in: walk back from the 2 the last such layer needs.
-    side = 2
-    for kernel, padding in reversed(_HALVINGS[name][:-1]):
-        side = max(2, 2 * (side - 1) + kernel - 2 * padding)
-    return side
+    # Walking back from the 2 pixels the last such layer needs: m pixels out of n // 2 need
+    # n >= 2m, out of ceil(n / 2) n >= 2m - 1.
+    if name in _POOLS:
+        return 2 ** _POOLS[name]
+    if name in _STRIDED:
+        return 2 ** (_STRIDED[name] - 1) + 1
+    raise ValueError(f"{name!r} takes no images; the image networks are {', '.join([*_POOLS, *_STRIDED])}.")
