@@ -78,7 +78,7 @@ class NetworkTap:
         if not calls:
             raise RuntimeError("NetworkTap.pop: no layer ran with grad since the last pop; run the model and backward.")
         if any(c["d"] is None for c in calls):
-            raise RuntimeError("NetworkTap.pop: the backward has not reached every layer; pop after each loss.backward().")
+            raise RuntimeError("NetworkTap.pop: the backward has not reached every layer; call loss.backward() first.")
         w = torch.as_tensor(weights).detach().reshape(-1).to(calls[0]["a"].dtype)
         B = w.numel()
         # checked on the CPU (SADPSampler.weights), where it costs no host-device sync
