@@ -3,9 +3,8 @@ networks: ResNet-19 (CIFAR), the ImageNet ResNet-34s (plain spiking and SEW), VG
 
 Activations are time-first, [T, B, ...]. Only the neuron loops over T; stateless layers (conv, BN, pooling) run once
 on the merged [T*B, ...] tensor. A network takes a static input [B, C, H, W], encoded once by the first conv + BN for
-every step (direct encoding), or one input per step [B, T, C, H, W] (event-camera frames). It returns per-timestep
-logits [T, B, num_classes]; its last layer, `model.classifier`, is an nn.Linear whose non-negative input spike-aware
-pruning hooks.
+every step (direct encoding), or one input per step [B, T, C, H, W] (event-camera frames), and returns per-timestep
+logits; its last layer, `model.classifier`, is an nn.Linear whose non-negative input spike-aware pruning hooks.
 
     model = build_model("resnet19", num_classes=10, T=4)     # compiles on the first forward
     logits = model(images)                                   # [4, B, 10]
@@ -72,8 +71,7 @@ def _surrogate(name: str, alpha: float | None) -> tuple[type[torch.autograd.Func
 def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Tensor:
     """Heaviside step 1[x >= 0] whose gradient is the named surrogate's derivative at slope alpha:
     ATan:    d/dx = alpha/2 / (1 + (pi/2 * alpha * x)^2)      (alpha = 2 by default)
-    sigmoid: d/dx = alpha * sg(alpha x) * (1 - sg(alpha x))   (alpha = 4 by default)
-    """
+    sigmoid: d/dx = alpha * sg(alpha x) * (1 - sg(alpha x))   (alpha = 4 by default)"""
     fn, alpha = _surrogate(surrogate, alpha)
     return fn.apply(alpha * x)
 
@@ -82,8 +80,7 @@ def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Ten
 
 def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
               spike_fn: type[torch.autograd.Function], alpha: float, detach_reset: bool) -> Tensor:
-    """Runs a LIF neuron over the T steps of x: [T, ...] input currents -> [T, ...] spikes.
-    SpikingJelly's LIF with decay_input=True and a hard reset, starting from v = v_reset:
+    """[T, ...] input currents -> [T, ...] spikes: SpikingJelly's LIF (decay_input=True, hard reset) from v = v_reset:
         charge:  v <- v + (x_t - (v - v_reset)) / tau
         fire:    s_t = H(v - v_threshold)
         reset:   v <- v * (1 - s_t) + v_reset * s_t
@@ -267,13 +264,10 @@ def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> 
 
 class SpikingResNet19(SpikingNet):
     """The spiking ResNet-19 of the SNN literature for CIFAR (32x32 inputs), as in tdBN (Zheng et al., AAAI 2021) and
-    TET (Deng et al., ICLR 2022):
-        3x3 conv 128 + BN + LIF                                          (stem, 1 layer)
-        basic blocks 128 x3, 256 x3 (stride 2), 512 x2 (stride 2)       (16 layers)
-        global average pool, FC 256 + BN + LIF, FC num_classes           (2 layers)
-    The stem has 128 channels as in the paper (TET's code: 64, then a 1x1 projection). The FC 256 is followed by BN
-    like every conv (not in TET's code): without it the pooled spikes times default-initialised weights stay far below
-    threshold, and the classifier starts from all-zero inputs. `classifier` reads binary spikes."""
+    TET (Deng et al., ICLR 2022): a 3x3 conv stem, 8 basic blocks (16 convs), FC 256 and the classifier. The stem has
+    128 channels as in the paper (TET's code: 64, then a 1x1 projection). The FC 256 is followed by BN like every conv
+    (not in TET's code): without it the pooled spikes times default-initialised weights stay far below threshold, and
+    the classifier starts from all-zero inputs. `classifier` reads binary spikes."""
 
     def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
@@ -295,10 +289,7 @@ class SpikingResNet19(SpikingNet):
 
 class ImageNetResNet(SpikingNet):
     """The ImageNet ResNet-34 with spiking blocks: BasicBlock for the spiking ResNet-34 of tdBN and TET (torchvision's
-    with every ReLU a LIF), SEWBlock for SEW-ResNet-34 with ADD (Fang et al., NeurIPS 2021; not SEW's AND and IAND):
-        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2                     [T, B, 64, H/4, W/4]
-        blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2                  [T, B, 512, H/32, W/32]
-        global average pool, classifier nn.Linear(512, num_classes)    [T, B, num_classes]
+    with every ReLU a LIF), SEWBlock for SEW-ResNet-34 with ADD (Fang et al., NeurIPS 2021; not SEW's AND and IAND).
     `stages` takes another depth in RESNET34_STAGES's format. `classifier` reads the spatial mean of the last blocks'
     outputs: fractions of spikes for BasicBlock; for SEW non-negative, as spike-aware pruning's bounds need, but not
     in [0, 1], so ||h_t||^2 is no spike count there. Unlike SEW's code: the project's LIF, not the IF neuron with
