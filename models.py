@@ -351,20 +351,18 @@ class SpikingConv1d(SpikingNet):
 
     input_dims = 3
 
-    def __init__(self, num_classes: int, T: int = 4, length: int = 40, in_channels: int = 1,
-                 width: int = 32, compile: bool = True, **neuron):
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 1, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
-        self.stem = nn.Sequential(*conv_bn(in_channels, width, 5, dims=1))
+        self.stem = nn.Sequential(*conv_bn(in_channels, 32, 5, dims=1))
         self.features = nn.Sequential(
             LIF(**self.neuron),
-            MultiStep(*conv_bn(width, width, 3, 2, dims=1)), LIF(**self.neuron),
-            MultiStep(*conv_bn(width, width, 3, 2, dims=1)), LIF(**self.neuron))
-        out_length = ((length + 1) // 2 + 1) // 2          # after the two stride-2 convs
-        self.classifier = nn.Linear(width * out_length, num_classes)
+            MultiStep(*conv_bn(32, 32, 3, 2, dims=1)), LIF(**self.neuron),
+            MultiStep(*conv_bn(32, 32, 3, 2, dims=1)), LIF(**self.neuron))
+        self.classifier = nn.Linear(32 * 10, num_classes)   # 40 samples: 10 after the two stride-2 convs
         self.init_weights()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.features(self.encode(x, self.stem))   # [T, B, width, L/4] binary spikes
+        x = self.features(self.encode(x, self.stem))   # [T, B, 32, 10] binary spikes
         return self.classifier(x.flatten(2))            # [T, B, num_classes]
 
 
