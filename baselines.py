@@ -1,12 +1,10 @@
-"""The baselines SADP is compared with, behind SADP's own interface. Every method is a sampler
-and a loss-and-score function, used exactly as `sadp.SADPSampler` and `sadp.spike_aware_loss`,
+"""The baselines SADP is compared with, behind SADP's own interface: each a sampler and a loss-and-score function,
+used exactly as `sadp.SADPSampler` and `sadp.spike_aware_loss`, so train.py's `make_method` runs every method alike,
 
     sampler.set_epoch(epoch); list(sampler); sampler.weights(idx); sampler.update(idx, scores)
     loss, scores = loss_fn(outputs, targets, head_inputs, weights)
 
-so a training loop picks a method once and runs every method the same way (train.py's
-`make_method`): uniform (uniform_sampler), ann (SADP's sampler, scored by the ANN bound of
-baseline_loss) and infobatch (InfoBatchSampler, scored by the loss).
+uniform: uniform_sampler; ann: SADP's sampler scored by baseline_loss's ANN bound; infobatch: InfoBatchSampler.
 """
 
 from __future__ import annotations
@@ -20,24 +18,21 @@ from sadp import SADPSampler, all_gather_cat, per_example_loss, weighted_mean
 
 
 def uniform_sampler(num_examples: int, ratio: float, **kw) -> SADPSampler:
-    """A plain random subset of round((1 - r) N) examples per epoch, every weight 1: SADP's
-    sampler with eps = 1 (p uniform, so the scores do not matter) and without replacement."""
+    """A plain random subset of round((1 - r) N) examples per epoch, every weight 1: SADP's sampler with eps = 1
+    (p uniform, so the scores do not matter) and without replacement."""
     return SADPSampler(num_examples, ratio, epsilon=1.0, replacement=False, **kw)
 
 
-def baseline_loss(outputs: Tensor, targets: Tensor, head_inputs: Tensor | None = None,
-                  weights: Tensor | None = None, *, kind: str, per_timestep: bool = False,
-                  label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def baseline_loss(outputs: Tensor, targets: Tensor, head_inputs: Tensor | None = None, weights: Tensor | None = None,
+                  *, kind: str, per_timestep: bool = False, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """The same loss as `sadp.spike_aware_loss` (head_inputs unused), scored spike-blind:
-    kind="ann":  ||dl/dz||, the logit-gradient bound of Katharopoulos & Fleuret (ICML 2018) as
-                 written for ANNs, computed as sqrt(T sum_t ||g_t||^2): exactly ||softmax(z) - q||
-                 for the rate readout, the RMS over t of ||softmax(o_t) - q|| per timestep.
+    kind="ann":  ||dl/dz||, the logit-gradient bound of Katharopoulos & Fleuret (ICML 2018) as written for ANNs,
+                 sqrt(T sum_t ||g_t||^2): ||softmax(z) - q|| (rate readout), or the RMS over t of ||softmax(o_t) - q||.
     kind="loss": the unweighted loss l itself (the score InfoBatch prunes by).
     """
     if kind not in ("ann", "loss"):
         raise ValueError(f"kind must be 'ann' or 'loss'; got {kind!r}.")
-    ell, g = per_example_loss(outputs, targets, per_timestep=per_timestep,
-                              label_smoothing=label_smoothing)
+    ell, g = per_example_loss(outputs, targets, per_timestep=per_timestep, label_smoothing=label_smoothing)
     loss = weighted_mean(ell, weights)
     with torch.no_grad():
         scores = (g.shape[0] * g.square().sum((0, 2))).sqrt() if kind == "ann" else ell.detach()
@@ -45,10 +40,9 @@ def baseline_loss(outputs: Tensor, targets: Tensor, head_inputs: Tensor | None =
 
 
 class InfoBatchSampler:
-    """InfoBatch (Qin et al., ICLR 2024), as its paper describes it: examples whose last loss is
-    below the mean are "well learned"; each of them is pruned with probability r, and the kept
-    ones have their loss scaled by 1/(1 - r). The last 12.5% of epochs train on all the data.
-    Scores start equal, so the first epoch is full data as well."""
+    """InfoBatch (Qin et al., ICLR 2024), as its paper describes it: examples whose last loss is below the mean are
+    "well learned"; each of them is pruned with probability r, and the kept ones have their loss scaled by 1/(1 - r).
+    The last 12.5% of epochs train on all the data. Scores start equal, so the first epoch is full data as well."""
 
     def __init__(self, num_examples, ratio, epochs, *, seed=0, rank=0, world_size=1, delta=0.875):
         self.num_examples, self.ratio, self.seed = num_examples, ratio, seed
@@ -72,8 +66,7 @@ class InfoBatchSampler:
             pruned = well_learned & (torch.rand(self.num_examples, generator=gen) < self.ratio)
             self._weights[well_learned & ~pruned] = 1.0 / (1.0 - self.ratio)
             order = order[~pruned[order]]
-        # Every rank computes the same order and keeps every world_size-th entry, wrapping
-        # around to a multiple of world_size so that all ranks run the same number of steps.
+        # Every rank keeps every world_size-th entry of the same order, padded so that all ranks run as many steps.
         k = self.world_size
         order = torch.cat([order, order[: (-len(order)) % k]])
         self._order = order[self.rank::k]

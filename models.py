@@ -1,22 +1,15 @@
-"""Spiking neural networks: a leaky integrate-and-fire (LIF) neuron with surrogate gradients, and
-the networks of build_model(): a spiking ResNet-19 (CIFAR), the ImageNet ResNet-34s (plain
-spiking and SEW), a spiking VGG-11 and its small "convnet", and a 1-D ConvNet for MNIST-1D.
+"""Spiking neural networks: a leaky integrate-and-fire (LIF) neuron with surrogate gradients, and build_model()'s
+networks: ResNet-19 (CIFAR), the ImageNet ResNet-34s (plain spiking and SEW), VGG-11, a small "convnet", a 1-D ConvNet.
 
-Activations are time-first, [T, B, ...], as in SpikingJelly's multi-step mode. Only the neuron
-loops over T; stateless layers (conv, BN, pooling) run once on the merged [T*B, ...] tensor.
-A network takes either a static input [B, C, H, W], which the first conv + BN encode once for
-every step (direct encoding), or one input per step [B, T, C, H, W] (event-camera frames).
-It returns per-timestep logits [T, B, num_classes] (for per-timestep losses such as TET's), and
-its last layer, `model.classifier`, is an nn.Linear on [T, B, D] whose non-negative input
-(spikes, their spatial mean, or SEW's sums of spikes) spike-aware data pruning reads with a hook.
+Activations are time-first, [T, B, ...]. Only the neuron loops over T; stateless layers (conv, BN, pooling) run once
+on the merged [T*B, ...] tensor. A network takes a static input [B, C, H, W], encoded once by the first conv + BN for
+every step (direct encoding), or one input per step [B, T, C, H, W] (event-camera frames), and returns per-timestep
+logits; its last layer, `model.classifier`, is an nn.Linear whose non-negative input spike-aware pruning hooks.
 
     model = build_model("resnet19", num_classes=10, T=4)     # compiles on the first forward
     logits = model(images)                                   # [4, B, 10]
     loss = F.cross_entropy(logits.mean(0), labels)
     rate = model.spike_rate()                                # 0-dim tensor, no host sync
-
-The LIF timestep loop, `lif_steps`, runs through torch.compile, one compiled callable shared by
-every LIF layer; compile=False, or set_compile(model, False), runs it eagerly.
 """
 
 from __future__ import annotations
@@ -29,12 +22,9 @@ from torch import Tensor, nn
 
 
 # -- Spikes with surrogate gradients ----------------------------------------------------------
-# Forward: the Heaviside step H(x) = 1[x >= 0] (as in SpikingJelly, a neuron exactly at threshold
-# fires). Backward: the derivative of a smooth primitive g_alpha instead. Each Function is written
-# for alpha = 1 and receives u = alpha * x; the chain rule through that product supplies the
-# factor alpha: d/dx g_1(alpha x) = g_alpha'(x). Not the "detach trick" H + (g - g.detach()),
-# which computes the surrogate in the forward pass too. And alpha stays out of the Function: a
-# backward reading a Python float from ctx crashed dynamo once that float became symbolic.
+# Forward: the Heaviside step H(x) = 1[x >= 0] (as in SpikingJelly, a neuron exactly at threshold fires). Backward:
+# the derivative of a smooth primitive g_alpha instead. Each Function is written for alpha = 1 and receives
+# u = alpha * x, so the chain rule supplies the factor alpha: a backward reading a float alpha from ctx fails in dynamo.
 
 class _Spike(torch.autograd.Function):
     """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
@@ -64,8 +54,7 @@ class SigmoidSpike(_Spike):
         return grad * (sg * (1 - sg))
 
 
-# name -> (Function, default alpha): SpikingJelly's defaults, both a peak surrogate gradient of 1
-# at the threshold (ATan: alpha/2, sigmoid: alpha/4).
+# name -> (Function, default alpha): SpikingJelly's, both a peak gradient of 1 (ATan: alpha/2, sigmoid: alpha/4).
 SURROGATES = {"atan": (ATanSpike, 2.0), "sigmoid": (SigmoidSpike, 4.0)}
 
 
@@ -82,8 +71,7 @@ def _surrogate(name: str, alpha: float | None) -> tuple[type[torch.autograd.Func
 def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Tensor:
     """Heaviside step 1[x >= 0] whose gradient is the named surrogate's derivative at slope alpha:
     ATan:    d/dx = alpha/2 / (1 + (pi/2 * alpha * x)^2)      (alpha = 2 by default)
-    sigmoid: d/dx = alpha * sg(alpha x) * (1 - sg(alpha x))   (alpha = 4 by default)
-    """
+    sigmoid: d/dx = alpha * sg(alpha x) * (1 - sg(alpha x))   (alpha = 4 by default)"""
     fn, alpha = _surrogate(surrogate, alpha)
     return fn.apply(alpha * x)
 
@@ -92,15 +80,12 @@ def spike(x: Tensor, surrogate: str = "atan", alpha: float | None = None) -> Ten
 
 def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
               spike_fn: type[torch.autograd.Function], alpha: float, detach_reset: bool) -> Tensor:
-    """Runs a LIF neuron over the T steps of x: [T, ...] input currents -> [T, ...] spikes.
-    SpikingJelly's LIF with decay_input=True and a hard reset, starting from v = v_reset:
+    """[T, ...] input currents -> [T, ...] spikes: SpikingJelly's LIF (decay_input=True, hard reset) from v = v_reset:
         charge:  v <- v + (x_t - (v - v_reset)) / tau
         fire:    s_t = H(v - v_threshold)
         reset:   v <- v * (1 - s_t) + v_reset * s_t
-    Gradients flow through time (BPTT), and through the reset unless detach_reset.
-    The membrane v is float32 even for bfloat16/float16 x (autocast): in bf16 (steps of 1/128
-    near the threshold 1.0) roundings would flip spikes, and with a hard reset a flipped spike
-    changes all later steps. Spikes come back in x's dtype.
+    Gradients flow through time (BPTT), and through the reset unless detach_reset. v is float32 even for bf16/fp16 x:
+    a rounded v flips spikes near the threshold, and every later step with them.
     """
     v_dtype = torch.promote_types(x.dtype, torch.float32)
     v = torch.full_like(x[0], v_reset, dtype=v_dtype)
@@ -116,21 +101,16 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
 
 @functools.cache
 def _compiled_lif_steps():
-    """The one compiled lif_steps that all LIF layers share. The neuron axis is marked dynamic
-    (LIF.forward), so layers of any width and batches of any size share a graph. Not dynamic=True:
-    it makes the float arguments symbolic too, and tracing the surrogate's Function then crashed."""
+    """The one compiled lif_steps all LIF layers share. Not dynamic=True (float arguments would be symbolic too)."""
     return torch.compile(lif_steps)
 
 
 class LIF(nn.Module):
-    """Multi-step leaky integrate-and-fire neuron (lif_steps): [T, B, ...] currents -> [T, B, ...]
-    spikes, stateless between calls. alpha=None takes the surrogate's default; compile runs the
-    loop through torch.compile. After each forward, `last_rate` (0-dim float32, detached) is the
-    spikes' mean and `last_numel` their number; the networks' spike_rate() combines them."""
+    """Multi-step LIF neuron (lif_steps), stateless between calls: [T, B, ...] currents -> spikes. After each forward,
+    `last_rate` (0-dim float32, detached) is the spikes' mean and `last_numel` their number (for spike_rate())."""
 
-    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float = 0.0,
-                 surrogate: str = "atan", alpha: float | None = None,
-                 detach_reset: bool = False, compile: bool = True):
+    def __init__(self, tau: float = 2.0, v_threshold: float = 1.0, v_reset: float = 0.0, surrogate: str = "atan",
+                 alpha: float | None = None, detach_reset: bool = False, compile: bool = True):
         super().__init__()
         if not tau > 1:
             raise ValueError(f"tau must be > 1 (the update divides by tau); got {tau}.")
@@ -146,8 +126,7 @@ class LIF(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or not x.is_floating_point():
-            raise ValueError(f"LIF expects floating-point input shaped [T, B, ...]; got "
-                             f"{x.dtype} {list(x.shape)}.")
+            raise ValueError(f"LIF expects floating-point input shaped [T, B, ...]; got {x.dtype} {list(x.shape)}.")
         # [T, N] for every layer: the loop is elementwise, and the graph sees rank-2 inputs only
         flat = x.reshape(x.shape[0], -1)
         args = (self.tau, self.v_threshold, self.v_reset, self.spike_fn, self.alpha, self.detach_reset)
@@ -158,15 +137,13 @@ class LIF(nn.Module):
             s = _compiled_lif_steps()(flat, *args)
         else:
             s = lif_steps(flat, *args)
-        # kept on the device: read (one host sync) only when someone calls .item() on it
         self.last_rate = s.detach().mean(dtype=torch.float32)
         self.last_numel = s.numel()
         return s.reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return (f"tau={self.tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
-                f"surrogate={self.surrogate}, alpha={self.alpha}, detach_reset={self.detach_reset}, "
-                f"compile={self.use_compile}")
+        return (f"tau={self.tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}, surrogate={self.surrogate}, "
+                f"alpha={self.alpha}, detach_reset={self.detach_reset}, compile={self.use_compile}")
 
 
 def set_compile(model: nn.Module, enabled: bool) -> nn.Module:
@@ -180,9 +157,8 @@ def set_compile(model: nn.Module, enabled: bool) -> nn.Module:
 # -- Building blocks --------------------------------------------------------------------------
 
 class MultiStep(nn.Sequential):
-    """Stateless layers (conv, BN, pooling) applied to all timesteps at once: [T, B, ...] ->
-    [T*B, ...] -> layers -> [T, B, ...]. BatchNorm thus normalises over time and batch together,
-    which is tdBN (Zheng et al., AAAI 2021) with its scale alpha*V_th = 1."""
+    """Stateless layers (conv, BN, pooling) on all timesteps at once: [T, B, ...] -> [T*B, ...] -> [T, B, ...].
+    BatchNorm thus normalises over time and batch together: tdBN (Zheng et al., AAAI 2021) with alpha*V_th = 1."""
 
     def forward(self, x: Tensor) -> Tensor:
         T, B = x.shape[:2]
@@ -208,8 +184,8 @@ class SpikingNet(nn.Module):
         self.neuron = dict(neuron, compile=compile)   # the keyword arguments of every LIF
 
     def encode(self, x: Tensor, stem: nn.Module) -> Tensor:
-        """The stem's output at every step, [T, B, ...]: a static input [B, C, ...] passes the stem
-        once, repeated over T (direct encoding); a sequence [B, T, C, ...] passes it step by step."""
+        """The stem's output at every step, [T, B, ...]: a static input [B, C, ...] passes the stem once, repeated
+        over T (direct encoding); a sequence [B, T, C, ...] passes it step by step."""
         if x.dim() == self.input_dims:
             x = stem(x)
             return x.unsqueeze(0).expand(self.T, *x.shape)
@@ -225,15 +201,11 @@ class SpikingNet(nn.Module):
 
     def init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):   # BN starts at weight 1, bias 0 already
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def spike_rate(self) -> Tensor:
-        """Fraction of LIF outputs that were spikes in the last forward, over all layers (total
-        spikes / total outputs): a 0-dim detached float32 tensor on the model's device."""
+        """Total spikes / total LIF outputs in the last forward: a 0-dim detached float32 tensor on the device."""
         lifs = [m for m in self.modules() if isinstance(m, LIF) and m.last_rate is not None]
         if not lifs:
             raise RuntimeError("spike_rate(): run a forward pass first.")
@@ -244,9 +216,9 @@ class SpikingNet(nn.Module):
 # -- Networks ---------------------------------------------------------------------------------
 
 class BasicBlock(nn.Module):
-    """Spiking residual block: conv-BN-LIF-conv-BN (+ shortcut) -LIF, on [T, B, C, H, W] spikes.
-    The shortcut is the identity, or 1x1 conv + BN where the shape changes. The sum is taken
-    before the second LIF (as in tdBN and TET), so the block outputs binary spikes."""
+    """Spiking residual block: conv-BN-LIF-conv-BN (+ shortcut) -LIF, on [T, B, C, H, W] spikes. The shortcut is the
+    identity, or 1x1 conv + BN where the shape changes. The sum is taken before the second LIF (as in tdBN and TET),
+    so the block outputs binary spikes."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
         super().__init__()
@@ -262,16 +234,14 @@ class BasicBlock(nn.Module):
 
 
 class SEWBlock(BasicBlock):
-    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021): BasicBlock's layers
-    with the sum after the second LIF. The shortcut is the identity, or 1x1 conv + BN + LIF where
-    the shape changes (both addends are spikes, as in SEW's downsample path). So the output is
-    NOT binary but a sum of spikes: an integer up to i + 2 at the i-th block (from 0) of a stage."""
+    """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021): the sum after the second LIF, and a LIF
+    after a 1x1 conv + BN shortcut (both addends are spikes, as in SEW's code). The output is a sum of spikes: an
+    integer up to i + 2 at the i-th block (from 0) of a stage."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
         super().__init__(c_in, c_out, stride, neuron)
         if not isinstance(self.shortcut, nn.Identity):
-            # The LIF runs on [T, B, ...], so it goes after the MultiStep, not inside it.
-            self.shortcut = nn.Sequential(self.shortcut, LIF(**neuron))
+            self.shortcut = nn.Sequential(self.shortcut, LIF(**neuron))   # on [T, B, ...]: after MultiStep
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lif2(self.conv2(self.lif1(self.conv1(x)))) + self.shortcut(x)
@@ -283,8 +253,7 @@ RESNET34_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))   # He et 
 
 
 def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> nn.Sequential:
-    """The blocks of a ResNet's stages, in one nn.Sequential: each stage's first block takes the
-    stage's stride and changes the width; the rest keep both."""
+    """The blocks of a ResNet's stages in one nn.Sequential; each stage's first block takes its stride and width."""
     blocks = []
     for c_out, n, stride in stages:
         for i in range(n):
@@ -294,18 +263,13 @@ def residual_stages(block: type[nn.Module], c_in: int, stages, neuron: dict) -> 
 
 
 class SpikingResNet19(SpikingNet):
-    """The spiking ResNet-19 of the SNN literature for CIFAR (32x32 inputs), as in tdBN (Zheng et
-    al., AAAI 2021) and TET (Deng et al., ICLR 2022):
-        3x3 conv 128 + BN + LIF                                          (stem, 1 layer)
-        basic blocks 128 x3, 256 x3 (stride 2), 512 x2 (stride 2)       (16 layers)
-        global average pool, FC 256 + BN + LIF, FC num_classes           (2 layers)
-    The stem has 128 channels as in the paper (TET's code: 64, then a 1x1 projection). The FC 256
-    is followed by BN like every conv (not in TET's code): without it the pooled spikes times
-    default-initialised weights stay far below threshold, and the classifier starts from all-zero
-    inputs. `classifier` reads binary spikes, so ||h_t||^2 is that step's spike count."""
+    """The spiking ResNet-19 of the SNN literature for CIFAR (32x32 inputs), as in tdBN (Zheng et al., AAAI 2021) and
+    TET (Deng et al., ICLR 2022): a 3x3 conv stem, 8 basic blocks (16 convs), FC 256 and the classifier. The stem has
+    128 channels as in the paper (TET's code: 64, then a 1x1 projection). The FC 256 is followed by BN like every conv
+    (not in TET's code): without it the pooled spikes times default-initialised weights stay far below threshold, and
+    the classifier starts from all-zero inputs. `classifier` reads binary spikes."""
 
-    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, compile: bool = True,
-                 **neuron):
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
         self.stem = nn.Sequential(*conv_bn(in_channels, 128))
         self.lif0 = LIF(**self.neuron)
@@ -323,27 +287,23 @@ class SpikingResNet19(SpikingNet):
         return self.classifier(x)                   # [T, B, num_classes]
 
 
-class _ImageNetResNet(SpikingNet):
-    """The ImageNet ResNet layout of SpikingResNet and SEWResNet, which set `block`:
-        7x7 conv 64 /2 + BN + LIF, 3x3 max pool /2                     [T, B, 64, H/4, W/4]
-        blocks 64 x3, 128 x4 /2, 256 x6 /2, 512 x3 /2                  [T, B, 512, H/32, W/32]
-        global average pool, classifier nn.Linear(512, num_classes)    [T, B, num_classes]
-    `stages` takes another depth in RESNET34_STAGES's format, e.g. ((64, 2, 1), (128, 2, 2),
-    (256, 2, 2), (512, 2, 2)) for ResNet-18. Unlike SEW's code: the project's LIF, not the IF
-    neuron with detached reset; no zero-init of each block's last BN; per-timestep logits, whose
-    mean over T is what SEW's code returns (it applies the affine FC to the mean)."""
-
-    block: type[BasicBlock] = BasicBlock
+class ImageNetResNet(SpikingNet):
+    """The ImageNet ResNet-34 with spiking blocks: BasicBlock for the spiking ResNet-34 of tdBN and TET (torchvision's
+    with every ReLU a LIF), SEWBlock for SEW-ResNet-34 with ADD (Fang et al., NeurIPS 2021; not SEW's AND and IAND).
+    `stages` takes another depth in RESNET34_STAGES's format. `classifier` reads the spatial mean of the last blocks'
+    outputs: fractions of spikes for BasicBlock; for SEW non-negative, as spike-aware pruning's bounds need, but not
+    in [0, 1], so ||h_t||^2 is no spike count there. Unlike SEW's code: the project's LIF, not the IF neuron with
+    detached reset; no zero-init of each block's last BN; per-timestep logits, whose mean over T SEW's code returns."""
 
     def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, stages=RESNET34_STAGES,
-                 compile: bool = True, **neuron):
+                 block: type[BasicBlock] = BasicBlock, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
         if not stages or any(len(s) != 3 or s[1] < 1 for s in stages):
             raise ValueError(f"stages must be (width, blocks >= 1, stride) triples; got {stages}.")
         self.stem = nn.Sequential(*conv_bn(in_channels, 64, 7, 2))
         self.lif0 = LIF(**self.neuron)
         self.pool = MultiStep(nn.MaxPool2d(3, 2, padding=1))   # max of spikes: still binary
-        self.blocks = residual_stages(self.block, 64, stages, self.neuron)
+        self.blocks = residual_stages(block, 64, stages, self.neuron)
         self.classifier = nn.Linear(stages[-1][0], num_classes)
         self.init_weights()
 
@@ -353,23 +313,6 @@ class _ImageNetResNet(SpikingNet):
         return self.classifier(x.mean(dim=(-2, -1)))           # [T, B, num_classes]
 
 
-class SpikingResNet(_ImageNetResNet):
-    """Spiking ResNet-34: torchvision's ResNet-34 with every ReLU a LIF, as tdBN and TET report on
-    ImageNet (SpikingJelly's spiking_resnet34). `classifier` reads the spatial mean of binary
-    spikes, in [0, 1] (binary when the last map is 1x1)."""
-
-    block = BasicBlock
-
-
-class SEWResNet(_ImageNetResNet):
-    """SEW-ResNet-34 with ADD (Fang et al., "Deep Residual Learning in Spiking Neural Networks",
-    NeurIPS 2021): the ResNet-34 layout with SEWBlocks, whose outputs are sums of spikes.
-    `classifier` reads their spatial mean: non-negative, as spike-aware pruning's bounds need,
-    but not in [0, 1], so ||h_t||^2 is no spike count here. Only ADD, not SEW's AND and IAND."""
-
-    block = SEWBlock
-
-
 # VGG-11 (configuration "A" of Simonyan & Zisserman): channels, "M" = 2x2 max pool.
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 # A small spiking ConvNet for tests and CPU smoke runs: three conv-BN-LIF layers, two pools.
@@ -377,13 +320,11 @@ CONVNET = (16, "M", 32, "M", 64)
 
 
 class SpikingVGG(SpikingNet):
-    """Spiking VGG: conv-BN-LIF layers and 2x2 max pools (cfg: conv widths, "M" for a pool), then
-    global average pool + classifier, without the ImageNet VGG's 4096-wide FC layers (as usual
-    for CIFAR). Max pooling of spikes is a logical OR, so the maps stay binary; `classifier`
-    reads their spatial mean, in [0, 1] (binary when the last map is 1x1)."""
+    """Spiking VGG: conv-BN-LIF layers and 2x2 max pools (cfg: conv widths, "M" for a pool), then global average pool
+    + classifier, without ImageNet VGG's 4096-wide FC layers (as usual for CIFAR). Max pools keep spikes binary;
+    `classifier` reads their spatial mean, in [0, 1]."""
 
-    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, cfg=VGG11,
-                 compile: bool = True, **neuron):
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 3, cfg=VGG11, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
         if not cfg or cfg[0] == "M":
             raise ValueError(f"cfg must start with a conv width; got {cfg}.")
@@ -405,26 +346,23 @@ class SpikingVGG(SpikingNet):
 
 
 class SpikingConv1d(SpikingNet):
-    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]): Conv1d k5, then two Conv1d
-    k3 stride 2, each + BN + LIF; `classifier` reads the flattened binary spikes, so ||h_t||^2 is
-    exactly that step's spike count: the case the spike-aware score is derived for."""
+    """A small spiking 1-D ConvNet for MNIST-1D (signals [B, 1, 40]): Conv1d k5, then two Conv1d k3 stride 2, each +
+    BN + LIF; `classifier` reads the flattened binary spikes, so ||h_t||^2 is exactly that step's spike count."""
 
     input_dims = 3
 
-    def __init__(self, num_classes: int, T: int = 4, length: int = 40, in_channels: int = 1,
-                 width: int = 32, compile: bool = True, **neuron):
+    def __init__(self, num_classes: int, T: int = 4, in_channels: int = 1, compile: bool = True, **neuron):
         super().__init__(T, compile, neuron)
-        self.stem = nn.Sequential(*conv_bn(in_channels, width, 5, dims=1))
+        self.stem = nn.Sequential(*conv_bn(in_channels, 32, 5, dims=1))
         self.features = nn.Sequential(
             LIF(**self.neuron),
-            MultiStep(*conv_bn(width, width, 3, 2, dims=1)), LIF(**self.neuron),
-            MultiStep(*conv_bn(width, width, 3, 2, dims=1)), LIF(**self.neuron))
-        out_length = ((length + 1) // 2 + 1) // 2          # after the two stride-2 convs
-        self.classifier = nn.Linear(width * out_length, num_classes)
+            MultiStep(*conv_bn(32, 32, 3, 2, dims=1)), LIF(**self.neuron),
+            MultiStep(*conv_bn(32, 32, 3, 2, dims=1)), LIF(**self.neuron))
+        self.classifier = nn.Linear(32 * 10, num_classes)   # 40 samples: 10 after the two stride-2 convs
         self.init_weights()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.features(self.encode(x, self.stem))   # [T, B, width, L/4] binary spikes
+        x = self.features(self.encode(x, self.stem))   # [T, B, 32, 10] binary spikes
         return self.classifier(x.flatten(2))            # [T, B, num_classes]
 
 
@@ -435,17 +373,17 @@ _BUILDERS = {
     "vgg11": SpikingVGG,
     "convnet": functools.partial(SpikingVGG, cfg=CONVNET),
     "conv1d": SpikingConv1d,
-    "spiking_resnet34": SpikingResNet,
-    "sew_resnet34": SEWResNet,
+    "spiking_resnet34": ImageNetResNet,
+    "sew_resnet34": functools.partial(ImageNetResNet, block=SEWBlock),
 }
 MODELS = tuple(_BUILDERS)
 
 
 def build_model(name: str, num_classes: int, T: int = 4, in_channels: int | None = None,
                 compile: bool = True, **kw) -> nn.Module:
-    """Builds a network by name (one of MODELS). in_channels: the input's channels (None: 3 for
-    the image networks, 1 for conv1d). kw: LIF options (tau, v_threshold, v_reset, surrogate,
-    alpha, detach_reset) and, for vgg11, cfg; for the ResNet-34s, stages."""
+    """Builds a network by name (one of MODELS). in_channels: the input's channels (None: 3 for the image networks, 1
+    for conv1d). kw: LIF options (tau, v_threshold, v_reset, surrogate, alpha, detach_reset) and, for vgg11, cfg; for
+    the ResNet-34s, stages."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}.")
     if in_channels is not None:
@@ -453,27 +391,21 @@ def build_model(name: str, num_classes: int, T: int = 4, in_channels: int | None
     return _BUILDERS[name](num_classes, T=T, compile=compile, **kw)
 
 
-# (kernel, padding) of each stride-2 layer of the image networks, from input to output: the
-# stride-2 block convs (3x3), the VGGs' 2x2 pools, the ResNet-34s' stem conv and max pool
-_HALVINGS = {
-    "resnet19": [(3, 1)] * sum(stride == 2 for *_, stride in RESNET19_STAGES),
-    "vgg11": [(2, 0)] * VGG11.count("M"),
-    "convnet": [(2, 0)] * CONVNET.count("M"),
-    "spiking_resnet34": [(7, 3), (3, 1)] + [(3, 1)] * sum(s == 2 for *_, s in RESNET34_STAGES),
-}
-_HALVINGS["sew_resnet34"] = _HALVINGS["spiking_resnet34"]
+# The stride-2 layers of each image network. The VGGs' 2x2 max pools make n // 2 pixels of n; the ResNets' padded
+# stride-2 convs (and ResNet-34's stem conv and 3x3 max pool) make ceil(n / 2).
+_POOLS = {"vgg11": VGG11.count("M"), "convnet": CONVNET.count("M")}
+_STRIDED = {"resnet19": sum(stride == 2 for *_, stride in RESNET19_STAGES),
+            "spiking_resnet34": 2 + sum(stride == 2 for *_, stride in RESNET34_STAGES)}
+_STRIDED["sew_resnet34"] = _STRIDED["spiking_resnet34"]
 
 
 def min_image_size(name: str) -> int:
-    """The smallest side (pixels) of the square images, of any number of channels, that network
-    `name` takes: each of its stride-2 layers (pools, strided convs) then halves a map of at least
-    2 pixels. One pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run
-    a strided conv on a 1x1 map, where its kernel sees only padding but for the centre."""
-    if name not in _HALVINGS:
-        raise ValueError(f"{name!r} takes no images; the image networks are {', '.join(_HALVINGS)}.")
-    # From n pixels a stride-2 layer makes (n + 2 padding - kernel) // 2 + 1, so m pixels out need
-    # n >= 2 (m - 1) + kernel - 2 padding in: walk back from the 2 the last such layer needs.
-    side = 2
-    for kernel, padding in reversed(_HALVINGS[name][:-1]):
-        side = max(2, 2 * (side - 1) + kernel - 2 * padding)
-    return side
+    """The smallest side (pixels) of square images network `name` takes: each of its stride-2 layers then halves a map
+    of at least 2 pixels. One pixel less, the VGGs fail (a 2x2 pool of a 1x1 map is empty) and the ResNets run a
+    strided conv on a 1x1 map. Walking back from the 2 pixels the last such layer needs: m pixels out need n >= 2m in
+    (n // 2), or n >= 2m - 1 (ceil(n / 2))."""
+    if name in _POOLS:
+        return 2 ** _POOLS[name]
+    if name in _STRIDED:
+        return 2 ** (_STRIDED[name] - 1) + 1
+    raise ValueError(f"{name!r} takes no images; the image networks are {', '.join([*_POOLS, *_STRIDED])}.")

@@ -1,7 +1,5 @@
-"""The whole-network bound: each example's gradient norm over every conv and linear weight.
-
-sadp.py bounds an example's gradient at the classifier head; `NetworkTap` extends the bound to
-every Conv1d/2d/3d and Linear layer, off the backward pass training runs (train.py --score network):
+"""The whole-network bound: sadp.py bounds an example's gradient at the classifier head; `NetworkTap` extends the
+bound to every Conv1d/2d/3d and Linear weight, off the backward pass training runs (train.py --score network):
 
     tap = NetworkTap(model, T=4)
     loss, _ = spike_aware_loss(outputs, y, head_inputs, w)
@@ -20,32 +18,29 @@ from torch import Tensor, nn
 class NetworkTap:
     """Bounds each example's gradient norm over *every* conv and linear weight, from hooks.
 
-    The bound. Layer l applies W_l at step t to its input a_{l,t} (spikes of the layer below,
-    or the encoded input for the stem), u_{l,t} = W_l * a_{l,t}; let delta_{l,t} = dl/du_{l,t}.
+    The bound. Layer l applies W_l at step t to its input a_{l,t} (spikes of the layer below, or the encoded input
+    for the stem), u_{l,t} = W_l * a_{l,t}; let delta_{l,t} = dl/du_{l,t}.
 
         ||dl/d(W_l, b_l)||_F <= S_l = sum_t ||delta_{l,t}||_F * sqrt(c_l n_{l,t} + P_l [bias])
         ||dl/d(all W, b)||   <= S_net = sqrt(sum_l S_l^2)
 
-    with n = ||a||^2 (the spike count, for spikes), P_l the output positions, c_l = ceil(k/s)^d
-    for a d-dim convolution (kernel k, stride s; 1 for linear). Proof: the gradient is
-    sum_t sum_p delta_{t,p} [patch_p(a_t); 1]^T. Triangle inequality over t; Cauchy-Schwarz
-    over positions p gives ||delta_t|| * sqrt(sum_p ||patch_p||^2 + P); and each input element
-    lies in at most c_l patches, so sum_p ||patch_p||^2 <= c_l n_t. The layers' parameter
-    blocks are disjoint, so their squared norms add. For the head, S_l is the head bound.
+    with n = ||a||^2 (the spike count, for spikes), P_l the output positions, c_l = ceil(k/s)^d for a d-dim
+    convolution (kernel k, stride s; 1 for linear). Proof: the gradient is sum_t sum_p delta_{t,p} [patch_p(a_t); 1]^T.
+    Triangle inequality over t; Cauchy-Schwarz over positions p gives ||delta_t|| * sqrt(sum_p ||patch_p||^2 + P); and
+    each input element lies in at most c_l patches, so sum_p ||patch_p||^2 <= c_l n_t. The layers' parameter blocks
+    are disjoint, so their squared norms add. For the head, S_l is the head bound.
 
-    The hooks. A forward hook records ||a|| per input row, a hook on the output ||delta|| per row
-    in the backward pass: one norm per example per step, no extra pass. A layer may run on [B, ...]
-    once (a stem whose output repeats over T: its delta sums the T steps), on time-major [T*B, ...]
-    rows (MultiStep, a stem run on every step), on [T, B, D] (a Linear head), or several times (the
-    calls add, as steps do); not on tokens [B, P, D]. Forwards without grad are ignored, and the
-    records of a step never popped are dropped.
+    The hooks. A forward hook records ||a|| per input row, a hook on the output ||delta|| per row in the backward
+    pass: one norm per example per step, no extra pass. A layer may run on [B, ...] once (a stem whose output repeats
+    over T: its delta sums the T steps), on time-major [T*B, ...] rows (MultiStep, a stem run on every step), on
+    [T, B, D] (a Linear head), or several times (the calls add, as steps do); not on tokens [B, P, D]. Forwards
+    without grad are ignored, and the records of a step never popped are dropped.
 
-    The contract: the backward pass computes delta of the minibatch loss L = (1/B) sum_b w_b l_b,
-    which is (w_b / B) delta_b; `pop(w)` divides that out, so S scores the unweighted l_b.
-    Pass the very weights the loss used; with a GradScaler, divide the scores by the scale.
-    Caveats: BN parameters are not covered, and BN in training mode couples a batch's examples, so
-    the bound holds exactly only with BN in eval mode (or no BN). A compiled LIF is untouched (the
-    hooks are on conv/linear modules); compiling the whole model with the tap is not supported.
+    The contract: the backward pass computes delta of the minibatch loss L = (1/B) sum_b w_b l_b, which is
+    (w_b / B) delta_b; `pop(w)` divides that out, so S scores the unweighted l_b. Pass the very weights the loss used;
+    with a GradScaler, divide the scores by the scale. Caveats: BN parameters are not covered, and BN in training mode
+    couples a batch's examples, so the bound holds exactly only with BN in eval mode (or no BN). Compiling the whole
+    model with the tap is not supported (a compiled LIF is fine: the hooks are on conv/linear modules).
     """
 
     LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -65,10 +60,8 @@ class NetworkTap:
             if not (torch.is_grad_enabled() and output.requires_grad):
                 return                                       # evaluation: no backward will come
             linear = isinstance(module, nn.Linear)
-            call = {"name": name, "a": _row_norms(args[0], linear),        # ||a|| = sqrt(n) per row
-                    "c": 1 if linear else _patches_per_input(module),
-                    "P": 1 if linear else math.prod(output.shape[2:]),
-                    "bias": module.bias is not None, "d": None}
+            call = {"name": name, "a": _row_norms(args[0], linear), "c": 1 if linear else _patches_per_input(module),
+                    "P": 1 if linear else math.prod(output.shape[2:]), "bias": module.bias is not None, "d": None}
             if any(c["d"] is not None for c in self._calls):
                 self._calls = []                             # a step that was never popped
             self._calls.append(call)
@@ -79,21 +72,18 @@ class NetworkTap:
         return record
 
     def pop(self, weights: Tensor, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
-        """S_net [B] (at least float32) for the forward and backward since the last pop, or with
-        per_layer=True a dict {layer name: S_l [B]}. weights: [B], the loss's w_b (ones if none)."""
+        """S_net [B] (at least float32) for the forward and backward since the last pop, or with per_layer=True a dict
+        {layer name: S_l [B]}. weights: [B], the loss's w_b (ones if none)."""
         calls, self._calls = self._calls, []
         if not calls:
-            raise RuntimeError("NetworkTap.pop: no layer ran with grad since the last pop; run the "
-                               "model (in grad mode) and loss.backward() first.")
+            raise RuntimeError("NetworkTap.pop: no layer ran with grad since the last pop; run the model and backward.")
         if any(c["d"] is None for c in calls):
-            raise RuntimeError("NetworkTap.pop: the backward pass has not reached every tapped layer; "
-                               "call loss.backward() before pop (and pop once per step).")
+            raise RuntimeError("NetworkTap.pop: the backward has not reached every layer; call loss.backward() first.")
         w = torch.as_tensor(weights).detach().reshape(-1).to(calls[0]["a"].dtype)
         B = w.numel()
         # checked on the CPU (SADPSampler.weights), where it costs no host-device sync
         if w.device.type == "cpu" and not bool(((w > 0) & w.isfinite()).all()):
-            raise ValueError("NetworkTap.pop: every weight must be finite and > 0; the unweighted "
-                             "gradient of a zero-weight example cannot be recovered from the backward.")
+            raise ValueError("NetworkTap.pop: every weight must be finite and > 0; pass the weights the loss used.")
         bounds: dict[str, Tensor] = {}
         for c in calls:
             rows = c["a"].numel()
@@ -112,15 +102,13 @@ class NetworkTap:
 
 
 def _row_norms(x: Tensor, linear: bool) -> Tensor:
-    """||x_r|| per row (a Linear's rows: all but the last dim; a conv's: the first dim),
-    accumulated in at least float32 (bf16 autocast)."""
+    """||x_r|| per row (a Linear's rows: all but the last dim; a conv's: the first dim), in at least float32."""
     x = x.detach()
     x = x.reshape(-1, x.shape[-1]) if linear else x.flatten(1)
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _patches_per_input(conv: nn.Module) -> int:
-    """c = the most output positions one input element feeds: ceil(k gcd(s, d) / s) per dimension
-    (kernel k, stride s, dilation d: the taps that land on one element are s / gcd apart)."""
-    return math.prod(-(-k * math.gcd(s, d) // s)
-                     for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation))
+    """c = the most output positions one input element feeds: ceil(k gcd(s, d) / s) per dimension (kernel k, stride
+    s, dilation d: the taps that land on one element are s / gcd apart)."""
+    return math.prod(-(-k * math.gcd(s, d) // s) for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation))
