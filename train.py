@@ -49,7 +49,8 @@ EVENT_SETS = tuple(frames.RECIPES)           # event-camera frames from --data-d
 RECIPES = {
     "cifar": dict(model="resnet19", T=4, epochs=200, batch_size=128, weight_decay=5e-4),  # tdBN / TET
     "mnist1d": dict(model="conv1d", T=4, epochs=40, batch_size=128, weight_decay=5e-4),
-    "folder": dict(model="sew_resnet34", T=4, epochs=320, batch_size=256, weight_decay=0.0, image_size=224),
+    "folder": dict(model="sew_resnet34", T=4, epochs=320, batch_size=256, weight_decay=0.0, image_size=224,
+                   decoder="auto"),
     # the event sets: CIFAR's optimiser and epochs; network, T and input size from frames.RECIPES
     **{name: dict(model=r["model"], T=r["T"], epochs=200, batch_size=128, weight_decay=5e-4, image_size=r["size"][0])
        for name, r in frames.RECIPES.items()},
@@ -69,8 +70,7 @@ FLAGS = {
     "data": [
         ("--data", dict(choices=data.DATASETS + FOLDER_SETS + EVENT_SETS, default="cifar10"), None,
          "data set (default cifar10); mnist1d needs `pip install mnist1d`, the folders `pip install pillow`"),
-        ("--data-dir", {}, None, "data cache (default ./data); the folders: the folder of train/, val/; "
-         "the event sets: SpikingJelly's root"),
+        ("--data-dir", {}, None, "data (default ./data); folders: parent of train/, val/; event sets: SpikingJelly's"),
         ("--image-size", dict(type=int), at_least(8), "folders: crop size; event sets: frame side (default per set)"),
         ("--no-augment", dict(action="store_true"), None, "no random crop + flip (on for images)")],
     SYNTHETIC: [
@@ -79,14 +79,12 @@ FLAGS = {
     STREAMED: [
         ("--workers", dict(type=int), at_least(0), "decoding processes per process (default: the cores, <= 8)"),
         ("--decoder", dict(choices=imagefolder.DECODERS), None, "JPEG decoder (default auto)"),
-        ("--skip-corrupt", dict(action="store_true"), None, "train past unreadable images (at weight 0, "
-         "out of the accuracy, counted in the row)")],
+        ("--skip-corrupt", dict(action="store_true"), None, "train past unreadable images (weight 0, not scored)")],
     "model and optimiser": [
         ("--model", dict(choices=models.MODELS), None, "network (default per data set, RECIPES; convnet for CPU)"),
         ("--T", dict(type=int), at_least(1), "timesteps (default 4; event sets: their recipe's)"),
         ("--epochs", dict(type=int), at_least(1), "epochs (default 200; mnist1d 40; the folders 320)"),
-        ("--batch-size", dict(type=int), at_least(1), "global batch, split over the processes (default 128; "
-         "the folders 256)"),
+        ("--batch-size", dict(type=int), at_least(1), "global batch over all processes (default 128; folders 256)"),
         ("--lr", dict(type=float, default=0.1), ("a positive number", lambda v: math.isfinite(v) and v > 0),
          "peak learning rate (default 0.1)"),
         ("--momentum", dict(type=float, default=0.9), ("in (0, 1)", lambda v: 0 < v < 1),
@@ -104,8 +102,8 @@ FLAGS = {
          "sadp/ann: draw i.i.d. from p, or each example at most once (default)"),
         ("--lr-scale", dict(choices=("budget", "none")), None, "budget: lr x 1 / (1 - r) (default for sadp, ann, "
          "uniform); none (default for full, infobatch)"),
-        ("--score", dict(choices=("head", "network"), default="head"), None, "sadp: bound the gradient "
-         "of the head (default) or of every conv and linear weight (netbound.py)"),
+        ("--score", dict(choices=("head", "network"), default="head"), None, "sadp: bound the head's gradient "
+         "(default) or every conv and linear weight's (netbound.py)"),
         ("--exact-score", dict(action="store_true"), None, "sadp: the exact head-gradient norm")],
     "run": [
         ("--seed", dict(type=int, default=0), ("in [0, 2**32)", lambda v: 0 <= v < 2**32), "seed (default 0)"),
@@ -136,10 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--data {args.data} needs --data-dir DIR: the folder of train/<class>/ and val/<class>/, "
                      f"or the event set's SpikingJelly root")
     args.data_dir = args.data_dir or (os.path.join("data", "imagenet") if args.data == "imagenet" else "data")
-    if folder:
-        args.decoder = args.decoder or "auto"
-        if args.workers is None:     # the machine's cores, shared among its processes
-            args.workers = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if folder and args.workers is None:     # the machine's cores, shared among its processes
+        args.workers = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if args.method == "full" and args.ratio not in (None, 0.0):
         parser.error("--method full trains on all the data: drop --ratio (or pick a pruning method)")
     if args.ratio is None:
@@ -336,8 +332,7 @@ def last_good(out: str, resume: str = "", rerun: str = "") -> str:
 # -- Every process: the same outcome, one owner of --out -------------------------------------------
 
 def agree(world_size: int, action, *args):
-    """action(*args); a RunError it raises on any rank is raised on every rank, with the lowest
-    rank's message. Under DDP a collective, so that no rank waits for one that has stopped."""
+    """action(*args); a RunError on any rank is raised on every rank (a collective): none waits for one stopped."""
     result, error = None, None
     try:
         result = action(*args)
@@ -403,8 +398,7 @@ def every_rank(state: torch.Tensor, world_size: int) -> list:
 # -- The data, the model and what the run holds -----------------------------------------------------
 
 class MemorySource:
-    """A data set held whole on the device, each batch transformed there by `train(x)` or `test(x)`;
-    imagefolder.FolderSource, with the same interface, streams the sets that do not fit."""
+    """A data set held on the device, batches transformed there; imagefolder.FolderSource streams the rest."""
 
     skipped, wait_seconds = 0, 0.0               # nothing here is unreadable, nor waited for
 
@@ -492,14 +486,13 @@ def setup(args, rank: int, world_size: int, device) -> SimpleNamespace:
     source, aug_gen = make_source(args, rank, world_size, device, say)
     model = models.build_model(args.model, source.num_classes, T=args.T, compile=not args.no_compile,
                                in_channels=2 if args.data in EVENT_SETS else None).to(device)
-    ddp = functools.partial(torch.nn.parallel.DistributedDataParallel,
-                            device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(
         args=args, rank=rank, world_size=world_size, device=device, main=rank == 0, say=say,
         tty=rank == 0 and not args.quiet and sys.stdout.isatty(),   # progress lines: terminals only
         source=source, model=model, tap=HeadTap(model.classifier, T=args.T), aug_gen=aug_gen,
         method=make_method(args, model, source.num_train, rank, world_size),
-        train_model=model if world_size == 1 else ddp(model),
+        train_model=model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None),
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                   weight_decay=args.weight_decay),
         amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext,
@@ -570,18 +563,17 @@ def train_epoch(r, epoch: int) -> dict:
 
 
 def progress_line(r, total: int):
-    """show(step, examples): the epoch's progress on one line, rewritten in place with \r at most
-    twice a second and cleared at the last step; only on a terminal (logs keep one row an epoch)."""
+    """show(step, examples): on a terminal, the epoch's progress rewritten in place at most twice a
+    second, cleared at the last step (logs keep one row an epoch)."""
     t0, shown = time.perf_counter(), [-math.inf]
 
     def show(step: int, examples: int) -> None:
         now = time.perf_counter()
-        if r.tty and step == total:
-            print("\r" + " " * 60 + "\r", end="", flush=True)
-        elif r.tty and now - shown[0] >= 0.5:
+        if r.tty and (step == total or now - shown[0] >= 0.5):
             shown[0] = now
-            print(f"\r  step {step}/{total}  {now - t0:.0f} s  {examples / max(now - t0, 1e-9):.0f} examples/s",
-                  end="", flush=True)
+            rate = examples / max(now - t0, 1e-9)
+            text = "" if step == total else f"  step {step}/{total}  {now - t0:.0f} s  {rate:.0f} examples/s"
+            print(f"\r{text:<60}\r", end="", flush=True)
     return show
 
 
