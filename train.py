@@ -5,7 +5,7 @@
     python train.py --data cifar10 --method infobatch --ratio 0.3   # or full, uniform, ann
     torchrun --nproc_per_node=8 train.py --data imagenet --data-dir DIR --ratio 0.3 --amp   # DDP
 
-Each data set trains by its usual recipe (RECIPES). Every epoch prints a row and writes a
+Each data set trains by its usual recipe (defaults below). Every epoch prints a row and writes a
 checkpoint to --out (--resume continues from it); the summary goes to <out>/results.json.
 An example-pass is one example through one forward and backward pass.
 """
@@ -70,7 +70,8 @@ FLAGS = {
     "data": [
         ("--data", dict(choices=data.DATASETS + FOLDER_SETS + EVENT_SETS, default="cifar10"), None,
          "data set (default cifar10); mnist1d needs `pip install mnist1d`, the folders `pip install pillow`"),
-        ("--data-dir", {}, None, "data (default ./data); folders: parent of train/, val/; event sets: SpikingJelly's"),
+        ("--data-dir", {}, None, "data cache (default ./data); the folders: the folder of train/, val/; "
+         "the event sets: SpikingJelly's root of the set"),
         ("--image-size", dict(type=int), at_least(8), "folders: crop size; event sets: frame side (default per set)"),
         ("--no-augment", dict(action="store_true"), None, "no random crop + flip (on for images)")],
     SYNTHETIC: [
@@ -81,7 +82,8 @@ FLAGS = {
         ("--decoder", dict(choices=imagefolder.DECODERS), None, "JPEG decoder (default auto)"),
         ("--skip-corrupt", dict(action="store_true"), None, "train past unreadable images (weight 0, not scored)")],
     "model and optimiser": [
-        ("--model", dict(choices=models.MODELS), None, "network (default per data set, RECIPES; convnet for CPU)"),
+        ("--model", dict(choices=models.MODELS), None, "network (default resnet19; mnist1d conv1d; the folders "
+         "sew_resnet34; convnet for CPU demos)"),
         ("--T", dict(type=int), at_least(1), "timesteps (default 4; event sets: their recipe's)"),
         ("--epochs", dict(type=int), at_least(1), "epochs (default 200; mnist1d 40; the folders 320)"),
         ("--batch-size", dict(type=int), at_least(1), "global batch over all processes (default 128; folders 256)"),
