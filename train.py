@@ -4,18 +4,16 @@
     python train.py --data synthetic --model convnet --epochs 5 --device cpu --no-compile
     python train.py --data cifar10 --method infobatch --ratio 0.3   # or full, uniform, ann
     torchrun --nproc_per_node=8 train.py --data imagenet --data-dir DIR --ratio 0.3 --amp   # DDP
-    python train.py --data imagefolder --data-dir DIR               # DIR/train/<class>/, DIR/val/<class>/
 
-Each data set trains by its usual recipe in the SNN literature (RECIPES; T = 4, Nesterov SGD,
-lr 0.1 on a cosine schedule). Every epoch prints a row and writes a checkpoint to --out (--resume
-continues from it); the summary goes to <out>/results.json. An example-pass is one example through
-one forward and backward pass: full data makes N per epoch; sadp, ann and uniform round((1 - r) N);
-infobatch what its pruning rule leaves, and N in its last 12.5% of epochs.
+Each data set trains by its usual recipe (defaults below). Every epoch prints a row and writes a
+checkpoint to --out (--resume continues from it); the summary goes to <out>/results.json.
+An example-pass is one example through one forward and backward pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -27,7 +25,6 @@ import re
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -48,13 +45,13 @@ from sadp import HeadTap, SADPSampler, all_gather_cat, per_example_loss, spike_a
 
 FOLDER_SETS = ("imagenet", "imagefolder")   # streamed from disk (imagefolder.py); the rest: in memory
 EVENT_SETS = tuple(frames.RECIPES)           # event-camera frames from --data-dir (frames.py)
-# Each family's defaults, the recipe its usual network is trained with (README: "Training script",
-# "ImageNet and other folders of images"). A flag given wins.
+# Each family's defaults, the recipe its usual network is trained with (README). A flag given wins.
 RECIPES = {
     "cifar": dict(model="resnet19", T=4, epochs=200, batch_size=128, weight_decay=5e-4),  # tdBN / TET
     "mnist1d": dict(model="conv1d", T=4, epochs=40, batch_size=128, weight_decay=5e-4),
-    "folder": dict(model="sew_resnet34", T=4, epochs=320, batch_size=256, weight_decay=0.0, image_size=224),
-    # the event sets: the CIFAR optimiser and epochs; network, T and input size from frames.RECIPES
+    "folder": dict(model="sew_resnet34", T=4, epochs=320, batch_size=256, weight_decay=0.0, image_size=224,
+                   decoder="auto"),
+    # the event sets: CIFAR's optimiser and epochs; network, T and input size from frames.RECIPES
     **{name: dict(model=r["model"], T=r["T"], epochs=200, batch_size=128, weight_decay=5e-4, image_size=r["size"][0])
        for name, r in frames.RECIPES.items()},
 }
@@ -73,10 +70,9 @@ FLAGS = {
     "data": [
         ("--data", dict(choices=data.DATASETS + FOLDER_SETS + EVENT_SETS, default="cifar10"), None,
          "data set (default cifar10); mnist1d needs `pip install mnist1d`, the folders `pip install pillow`"),
-        ("--data-dir", {}, None, "data cache (default ./data); imagenet, imagefolder: the folder of train/, val/; "
-         "the event sets: SpikingJelly's root (README)"),
-        ("--image-size", dict(type=int), at_least(8), "folders: crop size (default 224); event sets: the side "
-         "frames are resized to (default per set)"),
+        ("--data-dir", {}, None, "data cache (default ./data); the folders: the folder of train/, val/; "
+         "the event sets: SpikingJelly's root of the set"),
+        ("--image-size", dict(type=int), at_least(8), "folders: crop size; event sets: frame side (default per set)"),
         ("--no-augment", dict(action="store_true"), None, "no random crop + flip (on for images)")],
     SYNTHETIC: [
         ("--train-size", dict(type=int), at_least(1), "training examples (default 10000)"),
@@ -84,15 +80,13 @@ FLAGS = {
     STREAMED: [
         ("--workers", dict(type=int), at_least(0), "decoding processes per process (default: the cores, <= 8)"),
         ("--decoder", dict(choices=imagefolder.DECODERS), None, "JPEG decoder (default auto)"),
-        ("--skip-corrupt", dict(action="store_true"), None, "go on past unreadable images (trained at weight "
-         "0, left out of the accuracy, counted in the row)")],
+        ("--skip-corrupt", dict(action="store_true"), None, "train past unreadable images (weight 0, not scored)")],
     "model and optimiser": [
         ("--model", dict(choices=models.MODELS), None, "network (default resnet19; mnist1d conv1d; the folders "
          "sew_resnet34; convnet for CPU demos)"),
-        ("--T", dict(type=int), at_least(1), "timesteps (default 4; event sets: their recipe's frames)"),
+        ("--T", dict(type=int), at_least(1), "timesteps (default 4; event sets: their recipe's)"),
         ("--epochs", dict(type=int), at_least(1), "epochs (default 200; mnist1d 40; the folders 320)"),
-        ("--batch-size", dict(type=int), at_least(1), "global batch, split over the processes (default 128; "
-         "the folders 256)"),
+        ("--batch-size", dict(type=int), at_least(1), "global batch over all processes (default 128; folders 256)"),
         ("--lr", dict(type=float, default=0.1), ("a positive number", lambda v: math.isfinite(v) and v > 0),
          "peak learning rate (default 0.1)"),
         ("--momentum", dict(type=float, default=0.9), ("in (0, 1)", lambda v: 0 < v < 1),
@@ -107,11 +101,11 @@ FLAGS = {
         ("--ratio", dict(type=float), None, "r in [0, 1), the share of example-passes saved (default 0.3)"),
         ("--epsilon", dict(type=float, default=0.1), None, "sadp/ann: the uniform share of p (default 0.1)"),
         ("--replacement", dict(action=argparse.BooleanOptionalAction, default=False), None,
-         "sadp/ann: draw i.i.d. from p, or each example at most once (default; docs/results.md)"),
-        ("--lr-scale", dict(choices=("budget", "none")), None, "budget: lr x 1 / (1 - r), as InfoBatch "
-         "(default for sadp, ann, uniform); none (default for full, infobatch)"),
-        ("--score", dict(choices=("head", "network"), default="head"), None, "sadp: bound the gradient "
-         "of the head (default) or of every conv and linear weight (netbound.py)"),
+         "sadp/ann: draw i.i.d. from p, or each example at most once (default)"),
+        ("--lr-scale", dict(choices=("budget", "none")), None, "budget: lr x 1 / (1 - r) (default for sadp, ann, "
+         "uniform); none (default for full, infobatch)"),
+        ("--score", dict(choices=("head", "network"), default="head"), None, "sadp: bound the head's gradient "
+         "(default) or every conv and linear weight's (netbound.py)"),
         ("--exact-score", dict(action="store_true"), None, "sadp: the exact head-gradient norm")],
     "run": [
         ("--seed", dict(type=int, default=0), ("in [0, 2**32)", lambda v: 0 <= v < 2**32), "seed (default 0)"),
@@ -138,15 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in RECIPES[family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.data == "imagefolder" and args.data_dir is None:
-        parser.error("--data imagefolder needs --data-dir DIR, the folder holding train/<class>/ and val/<class>/")
-    if args.data in EVENT_SETS and args.data_dir is None:
-        parser.error(f"--data {args.data} needs --data-dir DIR, SpikingJelly's root of the set (README)")
+    if args.data_dir is None and (args.data == "imagefolder" or args.data in EVENT_SETS):
+        parser.error(f"--data {args.data} needs --data-dir DIR: the folder of train/<class>/ and val/<class>/, "
+                     f"or the event set's SpikingJelly root")
     args.data_dir = args.data_dir or (os.path.join("data", "imagenet") if args.data == "imagenet" else "data")
-    if folder:
-        args.decoder = args.decoder or "auto"
-        if args.workers is None:     # the machine's cores, shared among its processes
-            args.workers = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if folder and args.workers is None:     # the machine's cores, shared among its processes
+        args.workers = max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if args.method == "full" and args.ratio not in (None, 0.0):
         parser.error("--method full trains on all the data: drop --ratio (or pick a pruning method)")
     if args.ratio is None:
@@ -160,8 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """parser.error (exit 2, naming the flag) for a value outside its range in FLAGS, a flag of
-    another data set or method, an image too small for the network, or a device this machine lacks."""
+    """parser.error (exit 2, naming the flag) for a flag whose value or combination cannot run."""
     for group, rows in FLAGS.items():
         for flag, _, valid, _ in rows:
             value = getattr(args, flag[2:].replace("-", "_"))
@@ -173,8 +163,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.image_size is not None and args.data not in FOLDER_SETS + EVENT_SETS:
         parser.error(f"--image-size is for --data imagenet, imagefolder and the event sets, not --data {args.data}")
     if (args.model == "conv1d") != (args.data == "mnist1d"):
-        parser.error(f"--model {args.model} does not take --data {args.data}: conv1d is the network "
-                     f"for mnist1d's 1-D signals, the others are for images")
+        parser.error(f"--model {args.model} does not take --data {args.data}: conv1d is for mnist1d, the rest images")
     if args.image_size is not None and args.image_size < models.min_image_size(args.model):
         parser.error(f"--image-size {args.image_size} is below the minimum "
                      f"{models.min_image_size(args.model)} of --model {args.model}")
@@ -205,10 +194,9 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def make_method(args, model, num_examples: int, rank: int, world_size: int) -> SimpleNamespace:
-    """What --method decides, once: `sampler` (set_epoch, iter, weights, update, state_dict);
-    `begin_epoch(epoch)` draws the epoch and returns its learning-rate factor; `loss(outputs,
-    targets, head_inputs, weights)` -> (minibatch loss, every example's score); `after_backward(
-    scores, weights)` the scores to keep once loss.backward() has run; `close()` the hooks."""
+    """What --method decides: `sampler`; `begin_epoch(epoch)` draws the epoch, returns its lr factor;
+    `loss(outputs, targets, head_inputs, weights)` -> (loss, every example's score);
+    `after_backward(scores, weights)` the scores to keep once backward has run; `close()`."""
     place = dict(seed=args.seed, rank=rank, world_size=world_size)
     readout = dict(per_timestep=args.per_timestep, label_smoothing=args.label_smoothing)
     try:
@@ -232,9 +220,8 @@ def make_method(args, model, num_examples: int, rank: int, world_size: int) -> S
         loss = functools.partial(baselines.baseline_loss, kind="ann" if args.method == "ann" else "loss", **readout)
     method = SimpleNamespace(sampler=sampler, begin_epoch=begin_epoch, loss=loss,
                              after_backward=lambda scores, w: scores, close=lambda: None)
-    if args.score == "network":     # the whole-network bound, read off the backward pass
+    if args.score == "network":     # read off the backward pass; a stand-in's (w = 0) score is dropped
         tap = NetworkTap(model, T=args.T)
-        # the loss's own weights; a --skip-corrupt stand-in (w = 0) gets a score that is dropped
         method.after_backward, method.close = lambda _, w: tap.pop(torch.where(w > 0, w, 1.0)), tap.remove
     return method
 
@@ -250,8 +237,7 @@ class Diverged(RuntimeError):
 
 
 def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Write a temporary file beside `path` (mode 0666 less the umask), fsync, rename it over
-    `path`: a reader finds the old file or the new one, whole."""
+    """Write `path` (mode 0666 less the umask) so that a reader finds the old file or the new one, whole."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
@@ -268,9 +254,8 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
 
 
 def save_checkpoint(out: str, state: dict) -> None:
-    """checkpoint-e<epoch>.pt (epoch: the epochs done, as the rows count them), then the manifest
-    that names it and its SHA-256. A run killed, or a write failing (a full disk), at any moment
-    leaves the previous manifest and the checkpoint it names intact."""
+    """checkpoint-e<epochs done>.pt, then the manifest naming it and its SHA-256. A kill or a failed
+    write (a full disk) at any moment leaves the previous manifest and its checkpoint intact."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     name, old = f"checkpoint-e{state['epoch']}.pt", read_manifest(out)
@@ -288,16 +273,14 @@ def save_checkpoint(out: str, state: dict) -> None:
 
 def read_manifest(out: str) -> dict | None:
     """<out>/checkpoint.json, {"file": "checkpoint-e<epoch>.pt", "sha256": ..., "epoch": int >= 1};
-    None if --out holds no checkpoint; a RunError naming the file if it is not one this program
-    wrote, or if a checkpoint is there without it (then it can be neither verified nor replaced)."""
+    None if --out holds no checkpoint; a RunError if it is not ours, or a checkpoint has none."""
     path = os.path.join(out, "checkpoint.json")
     if not os.path.exists(path):
         listed = os.listdir(out) if os.path.isdir(out) else []
         files = sorted(f for f in listed if re.fullmatch(r"checkpoint-e\d+\.pt", f))
         if files:
-            raise RunError(f"{out} holds {', '.join(files)} but not checkpoint.json, the manifest with its SHA-256: "
-                           f"it can be neither verified nor replaced. Restore checkpoint.json to resume from it; "
-                           f"else delete it, or start a new run with another --out.")
+            raise RunError(f"{out} holds {', '.join(files)} but not checkpoint.json, its manifest, so it can be "
+                           f"neither verified nor replaced: restore checkpoint.json, delete them or use another --out.")
         return None
     try:
         with open(path, "rb") as f:
@@ -323,8 +306,8 @@ def load_checkpoint(out: str, map_location) -> dict:
     except OSError as e:
         raise RunError(f"--resume: cannot read {path} ({e}); the run directory is incomplete.") from e
     if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
-        raise RunError(f"--resume: {path} does not have the SHA-256 its manifest expects ({manifest['sha256']}): "
-                       f"the file is corrupt. Nothing was loaded; delete {out} to start over.")
+        raise RunError(f"--resume: {path} is corrupt (not the SHA-256 of its manifest); nothing was loaded. "
+                       f"Delete {out} to start over.")
     try:       # weights_only: tensors and plain containers only, no code runs
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:       # UnpicklingError, RuntimeError, EOFError, ...: all mean "not ours"
@@ -337,8 +320,7 @@ def not_a_checkpoint(path: str, why: str) -> str:
 
 
 def last_good(out: str, resume: str = "", rerun: str = "") -> str:
-    """For messages: where the last checkpoint is, if any, and then how to go on: with `resume`
-    from that checkpoint, or when there is none, by `rerun`."""
+    """For messages: where the last checkpoint is and how to go on from it (`resume`), or if none, `rerun`."""
     try:
         manifest = read_manifest(out)
     except RunError:
@@ -352,8 +334,7 @@ def last_good(out: str, resume: str = "", rerun: str = "") -> str:
 # -- Every process: the same outcome, one owner of --out -------------------------------------------
 
 def agree(world_size: int, action, *args):
-    """action(*args); a RunError it raises on any rank is raised on every rank, with the lowest
-    rank's message. Under DDP a collective, so that no rank waits for one that has stopped."""
+    """action(*args); a RunError on any rank is raised on every rank (a collective): none waits for one stopped."""
     result, error = None, None
     try:
         result = action(*args)
@@ -369,10 +350,8 @@ def agree(world_size: int, action, *args):
 
 
 def claim_out(args, rank: int) -> int | None:
-    """Rank 0 checks that a new run overwrites no checkpoint in --out, then holds <out>/.lock,
-    exclusively, while the run lasts (the OS releases it when the process ends, even on kill -9):
-    a second run into the same folder, or an --out this process cannot write, stops with a
-    message before any data is loaded."""
+    """On rank 0, before any data is loaded: a new run overwrites no checkpoint, --out is writable, and
+    <out>/.lock is held while the run lasts (the OS releases it when the process ends, even on kill -9)."""
     if rank != 0:
         return None
     manifest = read_manifest(args.out)
@@ -390,8 +369,8 @@ def claim_out(args, rank: int) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise RunError(f"{args.out} is in use by another run (it holds {args.out}/.lock); wait for it to "
-                           f"end, or choose another --out.") from None
+            raise RunError(f"{args.out} is in use by another run (it holds {args.out}/.lock); wait for it to end, "
+                           f"or choose another --out.") from None
     return fd
 
 
@@ -421,16 +400,13 @@ def every_rank(state: torch.Tensor, world_size: int) -> list:
 # -- The data, the model and what the run holds -----------------------------------------------------
 
 class MemorySource:
-    """A data set held whole on the device (CIFAR, synthetic, MNIST-1D, event frames as uint8
-    counts), each batch transformed there: `train(x)` (augment, normalise) and `test(x)`;
-    imagefolder.FolderSource, with the same interface, streams the sets that do not fit."""
+    """A data set held on the device, batches transformed there; imagefolder.FolderSource streams the rest."""
 
     skipped, wait_seconds = 0, 0.0               # nothing here is unreadable, nor waited for
 
     def __init__(self, dataset: data.ArrayDataset, device, train, test):
         try:
-            self.x_train, self.y_train = dataset.x_train.to(device), dataset.y_train.to(device)
-            self.x_test, self.y_test = dataset.x_test.to(device), dataset.y_test.to(device)
+            self.x_train, self.y_train, self.x_test, self.y_test = (t.to(device) for t in dataset[:4])
         except torch.OutOfMemoryError as e:
             size = (dataset.x_train.nbytes + dataset.x_test.nbytes) / 2**30
             raise RunError(f"the data set ({size:.2f} GiB) does not fit in {device}'s memory beside "
@@ -438,12 +414,11 @@ class MemorySource:
         self.num_train, self.num_test, self.num_classes = len(self.x_train), len(self.x_test), dataset.num_classes
         self.device, self.train, self.test = device, train, test
         # what every rank must agree on, as FolderSource's file list: the shapes and the labels
-        self.digest = hashlib.sha256(repr((dataset.x_train.shape, dataset.x_test.shape)).encode()
-                                     + dataset.y_train.cpu().numpy().tobytes() + dataset.y_test.cpu().numpy().tobytes()).digest()
+        labels = torch.cat([dataset.y_train, dataset.y_test]).cpu().numpy().tobytes()
+        self.digest = hashlib.sha256(repr((dataset.x_train.shape, dataset.x_test.shape)).encode() + labels).digest()
 
     def train_batches(self, epoch: int, batches: list[torch.Tensor]):
-        """(idx, x, y, keep) per minibatch of CPU indices. keep: None, or (FolderSource under
-        --skip-corrupt) a 0/1 tensor, 0 for the black stand-in of an unreadable image."""
+        """(idx, x, y, keep) per minibatch of CPU indices; keep: None (FolderSource: 0 for a stand-in)."""
         for idx in batches:
             idx_dev = idx.to(self.device, non_blocking=True)
             yield idx, self.train(self.x_train[idx_dev]), self.y_train[idx_dev], None
@@ -457,8 +432,7 @@ class MemorySource:
 
 
 def make_source(args, rank: int, world_size: int, device, say):
-    """(The run's data: a FolderSource for imagenet/imagefolder, else a MemorySource; the
-    augmentation's generator)."""
+    """(the run's data source, the augmentation's generator)."""
     aug_gen = torch.Generator(device=device).manual_seed(args.seed + 7919 * rank)
     started = time.perf_counter()
     say(f"loading --data {args.data} ...")
@@ -496,9 +470,7 @@ def make_source(args, rank: int, world_size: int, device, say):
 
 
 def event_source(args, device, aug_gen, say) -> MemorySource:
-    """An event set's frames (frames.load_frames: the split, where the set has none, is seeded
-    by the file names alone, the same on every rank and resume), resized on the device per
-    batch, flipped and shifted as its recipe says."""
+    """An event set's frames, resized on the device per batch, flipped and shifted as its recipe says."""
     recipe = frames.RECIPES[args.data]
     dataset, info = frames.load_frames(args.data_dir, args.T, sensor_size=recipe["sensor_size"])
     say(f"{info['folder']}: T = {info['T']}, {info['size'][0]}x{info['size'][1]} px, {info['layout']}, "
@@ -516,17 +488,16 @@ def setup(args, rank: int, world_size: int, device) -> SimpleNamespace:
     source, aug_gen = make_source(args, rank, world_size, device, say)
     model = models.build_model(args.model, source.num_classes, T=args.T, compile=not args.no_compile,
                                in_channels=2 if args.data in EVENT_SETS else None).to(device)
-    ddp = functools.partial(torch.nn.parallel.DistributedDataParallel,
-                            device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(
         args=args, rank=rank, world_size=world_size, device=device, main=rank == 0, say=say,
         tty=rank == 0 and not args.quiet and sys.stdout.isatty(),   # progress lines: terminals only
         source=source, model=model, tap=HeadTap(model.classifier, T=args.T), aug_gen=aug_gen,
         method=make_method(args, model, source.num_train, rank, world_size),
-        train_model=model if world_size == 1 else ddp(model),
+        train_model=model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None),
         optimizer=torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
                                   weight_decay=args.weight_decay),
-        amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext,
+        amp_ctx=(lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext,
         compiling=not args.no_compile, local_batch=args.batch_size // world_size,
         progress={"epoch": 0, "history": [], "example_passes": 0, "train_seconds": 0.0, "wall_seconds": 0.0})
 
@@ -534,8 +505,7 @@ def setup(args, rank: int, world_size: int, device) -> SimpleNamespace:
 # -- Training: a step, an epoch, evaluation ------------------------------------------------------
 
 def train_step(r, idx, xb, yb, keep) -> tuple[torch.Tensor, torch.Tensor]:
-    """One update on a minibatch: (the loss, every example's score), left on the device. No
-    host-device sync: the weights come from the sampler, on the CPU, finite by construction."""
+    """One update: (the loss, every example's score), left on the device; no host-device sync."""
     w = r.method.sampler.weights(idx).to(r.device, non_blocking=True)
     if keep is not None:                 # --skip-corrupt: a stand-in image trains with weight 0
         w = w * keep.to(r.device, non_blocking=True)
@@ -551,8 +521,7 @@ def train_step(r, idx, xb, yb, keep) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_epoch(r, epoch: int) -> dict:
-    """One epoch on the method's sample. The steps leave their numbers on the device; the epoch's
-    end reads them: a fixed few host syncs, whatever the number of steps."""
+    """One epoch on the method's sample, its row. Only the epoch's end reads numbers off the device."""
     args, device = r.args, r.device
     lr = args.lr * r.method.begin_epoch(epoch)
     batches = torch.tensor(list(r.method.sampler), dtype=torch.long).split(r.local_batch)
@@ -564,11 +533,11 @@ def train_epoch(r, epoch: int) -> dict:
     for step, (idx, xb, yb, keep) in enumerate(r.source.train_batches(epoch, batches)):
         for group in r.optimizer.param_groups:   # cosine decay to 0, a function of progress only
             group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * (epoch + step / len(batches)) / args.epochs))
-        if r.compiling:              # torch.compile compiles on the first forward
+        if r.compiling:              # on the first forward; the host waits for the compiler, no device sync
             r.say("compiling the LIF loop with torch.compile ...")
             compile_t0 = time.perf_counter()
         loss, scores = train_step(r, idx, xb, yb, keep)
-        if r.compiling:              # the host waited for the compiler: no device sync needed
+        if r.compiling:
             r.say(f"compiled in {time.perf_counter() - compile_t0:.1f} s")
             r.compiling = False
         first_bad = torch.where(torch.isfinite(loss) | (first_bad < step), first_bad, step)
@@ -586,8 +555,7 @@ def train_epoch(r, epoch: int) -> dict:
     loss_total, rate_total, skipped, waited = totals.tolist()
     if first_bad < len(batches):
         raise Diverged(f"the loss became NaN/inf at epoch {epoch + 1}, step {int(first_bad) + 1} of {len(batches)} "
-                       f"(lr {args.lr}). {last_good(args.out)} Lower --lr, or try --no-compile / without --amp "
-                       f"to locate the cause.")
+                       f"(lr {args.lr}). {last_good(args.out)} Lower --lr, or try --no-compile / no --amp.")
     kept = torch.cat([k.cpu() for k in seen_keep]) > 0        # a stand-in's score is dropped
     r.method.sampler.update(torch.cat(seen_idx)[kept], torch.cat(seen_scores).cpu()[kept])
     seconds, examples = time.perf_counter() - t0, sum(map(len, batches)) * r.world_size
@@ -597,24 +565,22 @@ def train_epoch(r, epoch: int) -> dict:
 
 
 def progress_line(r, total: int):
-    """show(step, examples): the epoch's progress on one line, rewritten in place with \r at most
-    twice a second and cleared at the last step; only on a terminal (logs keep one row an epoch)."""
+    """show(step, examples): on a terminal, the epoch's progress rewritten in place at most twice a
+    second, cleared at the last step (logs keep one row an epoch)."""
     t0, shown = time.perf_counter(), [-math.inf]
 
     def show(step: int, examples: int) -> None:
         now = time.perf_counter()
-        if r.tty and step == total:
-            print("\r" + " " * 60 + "\r", end="", flush=True)
-        elif r.tty and now - shown[0] >= 0.5:
+        if r.tty and (step == total or now - shown[0] >= 0.5):
             shown[0] = now
-            print(f"\r  step {step}/{total}  {now - t0:.0f} s  {examples / max(now - t0, 1e-9):.0f} examples/s",
-                  end="", flush=True)
+            rate = examples / max(now - t0, 1e-9)
+            text = "" if step == total else f"  step {step}/{total}  {now - t0:.0f} s  {rate:.0f} examples/s"
+            print(f"\r{text:<60}\r", end="", flush=True)
     return show
 
 
 def check_finite(r, epoch: int) -> None:
-    """Diverged unless every floating parameter, buffer and momentum is finite, so that a NaN
-    never reaches a checkpoint. One fused kernel (the norms) and one host sync per epoch."""
+    """Diverged unless every floating parameter, buffer and momentum is finite: no NaN is checkpointed."""
     tensors = [t for t in r.model.state_dict().values() if t.is_floating_point()]
     tensors += [t for state in r.optimizer.state.values() for t in state.values()
                 if torch.is_tensor(t) and t.is_floating_point()]
@@ -623,12 +589,10 @@ def check_finite(r, epoch: int) -> None:
                        f"checkpointed. {last_good(r.args.out)} Lower --lr, or check --momentum / --weight-decay.")
 
 
-def evaluate(r, batch_size: int = 500) -> tuple[float, int]:
-    """(test accuracy of the rate readout, the argmax of the mean over t; the test images skipped
-    as unreadable, label -1, which count in neither the hits nor the total), over every rank."""
+def evaluate(r) -> tuple[float, int]:
+    """(test accuracy of the rate readout, test images skipped as unreadable: label -1), over every rank."""
     r.model.eval()
-    if r.args.data in FOLDER_SETS + EVENT_SETS:     # large inputs: batches of the training size fit
-        batch_size = r.local_batch
+    batch_size = r.local_batch if r.args.data in FOLDER_SETS + EVENT_SETS else 500   # large inputs: the training's
     counts = torch.zeros(3, dtype=torch.long, device=r.device)       # hits, scored, skipped
     with torch.no_grad(), r.amp_ctx():
         for xb, yb in r.source.test_batches(r.rank, r.world_size, batch_size):
@@ -671,8 +635,7 @@ MAY_DIFFER = {"data_dir", "workers", "decoder", "skip_corrupt", "device", "amp",
 
 
 def restore(r) -> None:
-    """Continue the run in --out: its checkpoint verified, then its world size, settings and files
-    compared with this run's, then every part of it loaded."""
+    """Continue the run in --out once its world size, settings and files match this run's."""
     args, table = r.args, run_state(r)
     state, path = load_checkpoint(args.out, "cpu"), os.path.join(args.out, read_manifest(args.out)["file"])
     if not (isinstance(state, dict) and set(state) == set(table) and isinstance(state["aug_rng"], list)
@@ -680,9 +643,8 @@ def restore(r) -> None:
         raise RunError(not_a_checkpoint(path, f"it holds {sorted(state) if isinstance(state, dict) else state!r}"))
     if len(state["aug_rng"]) != r.world_size:        # one augmentation stream per process
         n = len(state["aug_rng"])
-        raise RunError(f"--resume: {args.out} was trained by {n} process(es), this run has {r.world_size}; the "
-                       f"draw is split and saved per process, so resume with {n} (torchrun --nproc_per_node={n}, "
-                       f"or python for 1), or start a new run with another --out.")
+        raise RunError(f"--resume: {args.out} was trained by {n} process(es), this run has {r.world_size}; resume "
+                       f"with torchrun --nproc_per_node={n} (python for 1), or start a new run with another --out.")
     # A setting missing from an older checkpoint had its default then (the option did not exist).
     defaults = {flag[2:].replace("-", "_"): kw.get("default") for rows in FLAGS.values() for flag, kw, *_ in rows}
     differ = [f"--{k.replace('_', '-')} {state['args'].get(k, v)!r} -> {getattr(args, k)!r}"
@@ -691,10 +653,8 @@ def restore(r) -> None:
         raise RunError("--resume with settings that differ from the saved run: " + ", ".join(differ)
                        + ". Resume with the original flags, or start a new run with another --out.")
     if "files" in state and state["files"] != r.source.digest.hex():
-        raise RunError(f"--resume: the images in {args.data_dir} are not those this run started with (an image "
-                       f"or class added, removed or renamed); its scores belong to the old list. Restore the "
-                       f"folder as it was (replace a damaged image by a good copy of the same name), or start a "
-                       f"new run with another --out.")
+        raise RunError(f"--resume: the images in {args.data_dir} are not those this run started with (added, "
+                       f"removed or renamed); restore the folder as it was, or start a new run with another --out.")
     for key, (_, put) in table.items():
         try:
             put(state[key])
@@ -776,8 +736,7 @@ def train_epochs(r, started: float) -> dict:
 
 
 def finished(r) -> dict:
-    """The summary of a run with nothing left to do: its results.json, or if that is missing
-    (killed between the last checkpoint and results.json), one rewritten from the checkpoint."""
+    """The summary of a run with nothing left to do: its results.json, else rewritten from the checkpoint."""
     args, done = r.args, r.progress["epoch"]
     if done < args.epochs:
         r.say(f"{args.out} already stopped after epoch {done} of {args.epochs}; to continue, resume with "
@@ -797,22 +756,19 @@ def run(args) -> dict:
     """Train as `args` (from parse_args) say; return the summary, also in <out>/results.json."""
     started = time.perf_counter()
     rank, world_size, device = setup_distributed(args)
-    lock = agree(world_size, claim_out, args, rank)
-    try:
+    with contextlib.ExitStack() as cleanup:     # run in reverse: the hooks, the source, the lock
+        lock = agree(world_size, claim_out, args, rank)
+        if lock is not None:
+            cleanup.callback(os.close, lock)
         r = setup(args, rank, world_size, device)
-        try:
-            if args.resume:
-                agree(world_size, restore, r)
-            summary = train_epochs(r, started)
-        finally:
-            r.tap.remove()
-            r.method.close()
-            r.source.close()
+        cleanup.callback(r.source.close)
+        cleanup.callback(r.method.close)
+        cleanup.callback(r.tap.remove)
+        if args.resume:
+            agree(world_size, restore, r)
+        summary = train_epochs(r, started)
         if world_size > 1:
             dist.barrier()       # no rank tears down its process group while another still uses it
-    finally:
-        if lock is not None:
-            os.close(lock)
     return summary
 
 
@@ -822,12 +778,9 @@ def main(argv=None) -> int:
     try:
         run(args)
         return 0
-    except (RunError, data.DataError) as e:
+    except (RunError, data.DataError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, Diverged) else 2
     except KeyboardInterrupt:    # Ctrl-C: one line, from rank 0, instead of a traceback
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         if not dist.is_initialized() or dist.get_rank() == 0:
