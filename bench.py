@@ -344,15 +344,16 @@ def snapshots(section: str, cfg: dict, flags: dict, ds, score_fn) -> tuple[list[
     return snaps, model
 
 
-def epoch_tables(section: str, snaps: list[dict], names: list[str], *more) -> None:
-    """Tables of one row per name and one column per snapshot: each score's Spearman correlation and
-    estimator variance, then each (title, names, cell(snapshot, name)) of `more`."""
-    for title, rows, cell in [("Spearman correlation of each score with the true gradient norm", names,
-                               lambda s, n: round(s["scores"][n]["spearman"], 3)),
-                              ("the estimator's variance under p ~ score relative to uniform, eps = 0 / 0.1", names,
-                               lambda s, n: f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}"),
-                              *more]:
-        table(f"{section}: {title}", [{"": n, **{f"epoch {s['epoch']}": cell(s, n) for s in snaps}} for n in rows])
+def epoch_table(title: str, snaps: list[dict], names, cell) -> None:
+    """One row per name, one column per snapshot: cell(snapshot, name)."""
+    table(title, [{"": n, **{f"epoch {s['epoch']}": cell(s, n) for s in snaps}} for n in names])
+
+
+def stats_tables(section: str, snaps: list[dict], names: list[str]) -> None:
+    epoch_table(f"{section}: Spearman correlation of each score with the true gradient norm", snaps, names,
+                lambda s, n: round(s["scores"][n]["spearman"], 3))
+    epoch_table(f"{section}: the estimator's variance under p ~ score relative to uniform, eps = 0 / 0.1",
+                snaps, names, lambda s, n: f"{s['scores'][n]['eps=0.0']:.3f} / {s['scores'][n]['eps=0.1']:.3f}")
 
 
 def sampled_variance(G, scores, ratio: float, eps: float, replacement: bool, epochs: int) -> float:
@@ -391,10 +392,10 @@ def bench_variance(cfg) -> dict:
                 "epoch_estimator": {k: v / mc["uniform, with"] for k, v in mc.items()}}
     flags = run_flags(cfg, data="synthetic", train_size=c["train"], test_size=500, model="convnet", seed=0)
     snaps, _ = snapshots("variance", cfg, flags, data.make_synthetic(c["train"], 500, seed=0), score)
-    epoch_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"],
-                 (f"the variance of an epoch's estimate as the sampler draws it (r = {ratio}, eps = 0.1, "
-                  f"{c['mc']} epochs)",
-                  snaps[0]["epoch_estimator"], lambda s, n: round(s["epoch_estimator"][n], 3)))
+    stats_tables("variance", snaps, ["loss", "ann", "sadp", "sadp-exact", "oracle"])
+    epoch_table(f"variance: the variance of an epoch's estimate as the sampler draws it (r = {ratio}, eps = 0.1, "
+                f"{c['mc']} epochs)", snaps, snaps[0]["epoch_estimator"],
+                lambda s, n: round(s["epoch_estimator"][n], 3))
     return {"pool": c["pool"], "ratio": ratio, "snapshots": snaps}
 
 
@@ -438,8 +439,9 @@ def bench_netbound(cfg) -> dict:
     flags = run_flags(cfg, data="mnist1d", model="conv1d", device="cpu", amp=False, seed=0)
     snaps, model = snapshots("netbound", cfg, flags, ds, score)
     names = ["loss", "ann", "head", "network", "head (BN train)", "network (BN train)", "oracle"]
-    epoch_tables("netbound", snaps, names, ("score / true norm, min / median (a bound has min >= 1 in BN eval mode)",
-                 names[2:-1], lambda s, n: f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}"))
+    stats_tables("netbound", snaps, names)
+    epoch_table("netbound: score / true norm, min / median (a bound has min >= 1 in BN eval mode)", snaps,
+                names[2:-1], lambda s, n: f"{s['scores'][n]['min_ratio']:.3g} / {s['scores'][n]['median_ratio']:.3g}")
     opt, x, y = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9), ds.x_train[:batch], ds.y_train[:batch]
     with threads(1):
         t = interleaved({k: step_fn(model.train(), opt, x, y, k, T) for k in ("bound", "network")}, c["reps"], warmup=3)

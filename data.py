@@ -6,8 +6,9 @@
         logits = model(norm(augment(x_train[idx])))   # crop + flip on the batch's device
 
 CIFAR-10/100 (official python versions), "synthetic" (`make_synthetic`): uint8 [N, 3, 32, 32];
-"mnist1d": float32 [N, 1, 40]; labels int64 [N], range-checked on load. Only bytes that match the
-official MD5 (`SOURCES`) are unpickled; downloads and extractions appear only once complete.
+"mnist1d": float32 [N, 1, 40]; labels int64 [N], range-checked on load. Unpickling runs code, so
+only bytes that match the official MD5 (`SOURCES`) are unpickled; downloads and extractions appear
+only once complete.
 """
 
 from __future__ import annotations

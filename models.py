@@ -25,6 +25,7 @@ from torch import Tensor, nn
 # Forward: the Heaviside step H(x) = 1[x >= 0] (as in SpikingJelly, a neuron exactly at threshold fires). Backward:
 # the derivative of a smooth primitive g_alpha instead. Each Function is written for alpha = 1 and receives
 # u = alpha * x, so the chain rule supplies the factor alpha: a backward reading a float alpha from ctx fails in dynamo.
+# Not the "detach trick" H + (g - g.detach()), which computes the surrogate in the forward pass too.
 
 class _Spike(torch.autograd.Function):
     """H(u) forward, saving u; subclasses give the backward pass a surrogate derivative."""
@@ -101,7 +102,7 @@ def lif_steps(x: Tensor, tau: float, v_threshold: float, v_reset: float,
 
 @functools.cache
 def _compiled_lif_steps():
-    """The one compiled lif_steps all LIF layers share. Not dynamic=True (float arguments would be symbolic too)."""
+    """The one compiled lif_steps all LIF layers share. Not dynamic=True: floats turn symbolic, crashing the trace."""
     return torch.compile(lif_steps)
 
 
@@ -137,7 +138,7 @@ class LIF(nn.Module):
             s = _compiled_lif_steps()(flat, *args)
         else:
             s = lif_steps(flat, *args)
-        self.last_rate = s.detach().mean(dtype=torch.float32)
+        self.last_rate = s.detach().mean(dtype=torch.float32)   # on the device: no host sync until .item()
         self.last_numel = s.numel()
         return s.reshape(x.shape)
 
@@ -235,8 +236,8 @@ class BasicBlock(nn.Module):
 
 class SEWBlock(BasicBlock):
     """Spike-element-wise residual block with ADD (Fang et al., NeurIPS 2021): the sum after the second LIF, and a LIF
-    after a 1x1 conv + BN shortcut (both addends are spikes, as in SEW's code). The output is a sum of spikes: an
-    integer up to i + 2 at the i-th block (from 0) of a stage."""
+    after the shortcut's 1x1 conv + BN where the shape changes (both addends are spikes, as in SEW's code). The output
+    is a sum of spikes: an integer up to i + 2 at the i-th block (from 0) of a stage."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, neuron: dict):
         super().__init__(c_in, c_out, stride, neuron)

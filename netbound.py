@@ -83,7 +83,8 @@ class NetworkTap:
         B = w.numel()
         # checked on the CPU (SADPSampler.weights), where it costs no host-device sync
         if w.device.type == "cpu" and not bool(((w > 0) & w.isfinite()).all()):
-            raise ValueError("NetworkTap.pop: every weight must be finite and > 0; pass the weights the loss used.")
+            raise ValueError("NetworkTap.pop: every weight must be finite and > 0; a zero weight's unweighted "
+                             "gradient cannot be recovered from the backward (pass 1 for it, drop its score).")
         bounds: dict[str, Tensor] = {}
         for c in calls:
             rows = c["a"].numel()
